@@ -29,7 +29,7 @@ class Target:
     @property
     def eos_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id
-        if eos is None:
+        if eos is None and self.tokenizer is not None:
             eos = self.tokenizer.eos_token_id
         return [eos] if isinstance(eos, int) else list(eos or [])
 
