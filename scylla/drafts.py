@@ -125,6 +125,18 @@ def shallow_module_copy(module: torch.nn.Module) -> torch.nn.Module:
     return view
 
 
+def check_draft_spec(spec: str) -> None:
+    """Refuse a malformed spec before any model is loaded."""
+    spec = (spec or "none").strip()
+    if spec in ("none", "ngram", *NAMED_DRAFTS) or Path(spec).is_dir():
+        return
+    kind, _, num = spec.partition(":")
+    if kind == "layerskip" and num.isdigit():
+        return
+    raise ScyllaError(f"unknown --draft {spec!r}; use none, ngram, layerskip:K, "
+                      f"{', '.join(NAMED_DRAFTS)} or a folder with a saved draft")
+
+
 def make_draft(spec: str, target) -> Draft | None:
     """Resolve a --draft spec: none, ngram, layerskip:K, a named trained draft, or a folder."""
     spec = (spec or "none").strip()

@@ -1,0 +1,210 @@
+"""`scylla ...`: generate, bench, build-corpus, train-draft, fit, sweep.
+
+Every user-facing failure is a ScyllaError: one line on stderr, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from scylla import ScyllaError
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def add_decode_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="smollm2", help="bundled 'smollm2' or a local transformers model folder")
+    p.add_argument("--quant", default="none", choices=["none", "int8", "nf4"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--draft", default="ngram", help="none | ngram | layerskip:K | scylla | eagle3-style | eagle2-style | FOLDER")
+    p.add_argument("--k", type=positive_int, default=6, help="draft length (chain)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scylla", description="Speculative decoding and draft scaling laws")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="decode one prompt with speculation; print text and per-step acceptance")
+    g.add_argument("prompt")
+    add_decode_flags(g)
+
+    b = sub.add_parser("bench", help="baseline vs engine on a JSONL prompt file")
+    b.add_argument("--prompts", required=True)
+    b.add_argument("--limit", type=positive_int)
+    b.add_argument("--batch-size", type=positive_int, default=1)
+    b.add_argument("--json", required=True, dest="json_out")
+    add_decode_flags(b)
+    b.set_defaults(draft="none")
+
+    c = sub.add_parser("build-corpus", help="self-distilled answers + standard-library code, cached")
+    c.add_argument("--prompts", type=positive_int, default=960)
+    c.add_argument("--max-new-tokens", type=positive_int, default=192)
+    c.add_argument("--batch", type=positive_int, default=16)
+
+    t = sub.add_parser("train-draft", help="train an EAGLE-style Scylla draft head")
+    t.add_argument("--name", default="scylla")
+    t.add_argument("--tokens", type=positive_int, required=True)
+    t.add_argument("--layers", type=positive_int, default=1)
+    t.add_argument("--fusion", choices=["last", "multi"], default="multi")
+    t.add_argument("--draft-vocab", type=int, default=8192)
+    t.add_argument("--ttt", type=positive_int, default=3, help="training-time test unroll steps")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--corpus", default="mix", help="mix | selfdistill | code")
+    t.add_argument("--out", help="output folder (default: cache/drafts/NAME)")
+    t.add_argument("--db", help="store the training record in this results.duckdb")
+
+    f = sub.add_parser("fit", help="fit metric = intercept + slope * ln(x) by OLS")
+    f.add_argument("--db")
+    f.add_argument("--axis", choices=["tokens", "layers", "batch"])
+    f.add_argument("--metric", choices=["tau", "accept_rate", "speedup", "throughput"])
+    f.add_argument("--csv")
+    f.add_argument("--x")
+    f.add_argument("--y")
+    f.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE")
+    f.add_argument("--json")
+
+    s = sub.add_parser("sweep", help="run a grid of trainings and evaluations into the store")
+    s.add_argument("config")
+    s.add_argument("--db", default="results.duckdb")
+    s.add_argument("--dry-run", action="store_true")
+    return parser
+
+
+def cmd_generate(args) -> int:
+    from scylla.decoding import speculative_generate
+    from scylla.drafts import make_draft
+    from scylla.models import encode_prompt, load_target
+    from scylla.trace import summarize
+
+    check_flags(args)
+    if not args.prompt.strip():
+        raise ScyllaError("empty prompt")
+    target = load_target(args.target, args.quant, args.device)
+    draft = make_draft(args.draft, target)
+    ids = encode_prompt(target, args.prompt)
+    steps = []
+    for step in speculative_generate(target, draft, ids, args.max_new_tokens, args.k,
+                                     args.temperature, args.top_p, args.seed):
+        steps.append(step)
+        text = target.tokenizer.decode(step.emitted)
+        print(f"step {step.index:3d}  drafted {len(step.drafted)}  accepted {step.accepted}  "
+              f"draft {step.draft_ms:6.1f} ms  verify {step.verify_ms:6.1f} ms  | {text!r}", file=sys.stderr)
+    out = [t for s in steps for t in s.emitted]
+    print(target.tokenizer.decode(out, skip_special_tokens=True))
+    st = summarize(steps)
+    rate = "n/a" if st.accept_rate is None else f"{st.accept_rate:.2f}"
+    print(f"tau {st.tau:.2f}  accept_rate {rate}  steps {st.n_steps}  tokens {st.n_tokens}  "
+          f"per-position {[round(x, 2) for x in st.per_position_accept]}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from scylla.bench import run_bench
+    from scylla.data import load_prompts
+    from scylla.drafts import make_draft
+    from scylla.models import load_target
+
+    check_flags(args)
+    prompts = load_prompts(args.prompts, args.limit)
+    target = load_target(args.target, args.quant, args.device)
+    draft = make_draft(args.draft, target)
+    report = run_bench(target, draft, prompts, args.max_new_tokens, args.k, args.temperature,
+                       args.top_p, args.seed, args.draft, args.batch_size)
+    write_json(args.json_out, report)
+    print(f"tau {report['tau']:.2f}  speedup {report['speedup']:.2f}x  "
+          f"exact_match {report['exact_match_rate']}", file=sys.stderr)
+    return 0
+
+
+def check_flags(args) -> None:
+    """Validate decoding flags before paying for a model load."""
+    from scylla.decoding import check_decode_args
+    from scylla.drafts import check_draft_spec
+    from scylla.models import QUANTS
+
+    check_decode_args(args.max_new_tokens, args.temperature, args.top_p, args.k)
+    check_draft_spec(args.draft)
+    if args.quant not in QUANTS:
+        raise ScyllaError(f"unknown --quant {args.quant!r}")
+
+
+def cmd_build_corpus(args) -> int:
+    from scylla.corpus import build_code, build_selfdistill
+    from scylla.models import load_target
+
+    target = load_target()
+    print(build_code(target))
+    print(build_selfdistill(target, args.prompts, args.max_new_tokens, args.batch))
+    return 0
+
+
+def cmd_train_draft(args) -> int:
+    from scylla.pipeline import train_draft_from_args
+
+    record = train_draft_from_args(args)
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from scylla.laws import fit_command
+
+    if not args.csv and not (args.db and args.axis and args.metric):
+        raise ScyllaError("fit needs --db with --axis and --metric, or --csv with --x and --y")
+    result = fit_command(args)
+    if not args.json:
+        print(json.dumps(result, indent=2, default=float))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from scylla.sweep import sweep_command
+
+    return sweep_command(args)
+
+
+def write_json(path: str, obj: dict) -> None:
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(obj, indent=2))
+    except OSError as exc:
+        raise ScyllaError(f"cannot write {path}: {exc.strerror}") from None
+
+
+COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "build-corpus": cmd_build_corpus,
+            "train-draft": cmd_train_draft, "fit": cmd_fit, "sweep": cmd_sweep}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ScyllaError as exc:
+        print(f"scylla: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("scylla: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

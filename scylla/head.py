@@ -1,0 +1,216 @@
+"""Scylla draft heads: EAGLE-style feature-level drafts, read top to bottom.
+
+The draft reads the target's hidden features at position t plus the (frozen, target)
+embedding of token t+1, fuses them with a linear layer, runs N Llama decoder layers,
+and predicts the feature at t+1 and the token at t+2. Features come from the last
+layer (EAGLE-1/2 style) or from a low, a middle and a high layer (EAGLE-3 style);
+the head is the target's frozen lm_head or a reduced vocabulary mapped back.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import DynamicCache, LlamaConfig, LlamaModel
+
+from scylla import ScyllaError
+from scylla.decoding import logits_to_probs, rollback, sample
+from scylla.drafts import Draft
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+@dataclass
+class HeadConfig:
+    target_name: str
+    target_hidden: int
+    target_vocab: int
+    target_layers: int
+    layers: int = 1
+    fusion: str = "last"            # last | multi
+    draft_vocab: int = 0            # 0: the target's full frozen lm_head
+    heads: int = 9
+    kv_heads: int = 3
+    intermediate: int = 1536
+    rope_theta: float = 100000.0
+    rms_eps: float = 1e-5
+    ttt_steps: int = 1              # training-time test unroll (1 = teacher forcing only)
+    tokens: int = 0                 # pretraining tokens seen (the paper's token volume)
+    seed: int = 0
+    kind: str = "scylla"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def feature_layers(self) -> list[int]:
+        """Indices into the target's hidden_states tuple (0 = embeddings)."""
+        n = self.target_layers
+        if self.fusion == "multi":
+            return [2, n // 2, n - 3]
+        return [n]  # hidden_states[-1]: the last layer after the final norm
+
+
+class FeatureHead(nn.Module):
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.target_hidden
+        n_feat = len(cfg.feature_layers)
+        self.fuse = nn.Linear(n_feat * h, h, bias=False) if n_feat > 1 else nn.Identity()
+        self.fc = nn.Linear(2 * h, h, bias=False)
+        body_cfg = LlamaConfig(hidden_size=h, intermediate_size=cfg.intermediate,
+                               num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+                               num_key_value_heads=cfg.kv_heads, vocab_size=1,
+                               rms_norm_eps=cfg.rms_eps,
+                               rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"},
+                               max_position_embeddings=8192)
+        self.body = LlamaModel(body_cfg)
+        self.head = nn.Linear(h, cfg.draft_vocab, bias=False) if cfg.draft_vocab else None
+        self.register_buffer("d2t", torch.arange(cfg.draft_vocab or 1), persistent=True)
+        # frozen target pieces, attached (not saved) by attach_target
+        self.embed: nn.Module | None = None
+        self.lm_head: nn.Module | None = None
+
+    def attach_target(self, target_model) -> None:
+        object.__setattr__(self, "embed", target_model.get_input_embeddings())
+        object.__setattr__(self, "lm_head", target_model.get_output_embeddings())
+
+    def step_inputs(self, features: torch.Tensor, tokens: torch.Tensor, fused: bool) -> torch.Tensor:
+        """features [B, T, nF*H] (or already fused [B, T, H]), tokens [B, T] -> [B, T, H]."""
+        g = features if fused else self.fuse(features)
+        return self.fc(torch.cat([g, self.embed(tokens).to(g.dtype)], dim=-1))
+
+    def forward(self, inputs: torch.Tensor, cache=None, attention_mask=None) -> torch.Tensor:
+        out = self.body(inputs_embeds=inputs, cache=cache, use_cache=cache is not None,
+                        attention_mask=attention_mask)
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the draft vocabulary (the full target vocabulary when draft_vocab=0)."""
+        return self.head(hidden) if self.head is not None else self.lm_head(hidden)
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return self.d2t[draft_ids] if self.head is not None else draft_ids
+
+    def full_vocab_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            return probs
+        out = probs.new_zeros(*probs.shape[:-1], self.cfg.target_vocab)
+        return out.index_copy_(-1, self.d2t, probs)
+
+    def init_from_target(self, target_model) -> None:
+        """Start each draft layer from the target's last layer (same shapes): a warm start."""
+        last = target_model.model.layers[-1].state_dict()
+        for layer in self.body.layers:
+            layer.load_state_dict(last)
+        self.body.norm.load_state_dict(target_model.model.norm.state_dict())
+
+
+# ---------------------------------------------------------------- save / load
+
+def save_head(head: FeatureHead, folder: Path) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS))
+    (folder / CONFIG).write_text(json.dumps(asdict(head.cfg), indent=2))
+
+
+def read_config(folder: Path) -> HeadConfig:
+    path = Path(folder) / CONFIG
+    try:
+        raw = json.loads(path.read_text())
+        return HeadConfig(**raw)
+    except FileNotFoundError:
+        raise ScyllaError(f"{folder}: no {CONFIG}; not a saved draft") from None
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ScyllaError(f"{path}: corrupt draft config ({exc})") from None
+
+
+def check_matches_target(cfg: HeadConfig, target_model) -> None:
+    tc = target_model.config
+    have = (tc.hidden_size, tc.vocab_size, tc.num_hidden_layers)
+    want = (cfg.target_hidden, cfg.target_vocab, cfg.target_layers)
+    if have != want:
+        raise ScyllaError(f"draft was trained for {cfg.target_name} (hidden, vocab, layers) = {want}; "
+                          f"this target has {have}")
+
+
+def load_head(folder: Path, target_model) -> FeatureHead:
+    cfg = read_config(folder)
+    check_matches_target(cfg, target_model)
+    head = FeatureHead(cfg)
+    try:
+        state = load_file(str(Path(folder) / WEIGHTS))  # safetensors only: nothing is unpickled
+        head.load_state_dict(state)
+    except FileNotFoundError:
+        raise ScyllaError(f"{folder}: no {WEIGHTS}") from None
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise ScyllaError(f"{folder}/{WEIGHTS}: corrupt or mismatched weights ({str(exc).splitlines()[0]})") from None
+    head.attach_target(target_model)
+    return head.to(next(target_model.parameters()).device).eval()
+
+
+def shipped_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets" / "drafts"
+
+
+def named_draft_dir(name: str) -> Path:
+    from scylla.models import cache_root
+
+    for root in (shipped_dir(), cache_root() / "drafts"):
+        if (root / name / CONFIG).is_file():
+            return root / name
+    raise ScyllaError(f"draft {name!r} is not shipped or trained yet; train it with "
+                      f"`scylla train-draft --name {name}` or use --draft ngram")
+
+
+def load_head_draft(folder: Path, target, name: str) -> "HeadDraft":
+    return HeadDraft(load_head(folder, target.model), name)
+
+
+# ---------------------------------------------------------------- the draft at decode time
+
+class HeadDraft(Draft):
+    needs_hidden = True
+
+    def __init__(self, head: FeatureHead, name: str):
+        self.head, self.name = head, name
+        self.layers = head.cfg.feature_layers
+        self.reset()
+
+    def reset(self):
+        self.cache = DynamicCache()
+        self.features: torch.Tensor | None = None   # [L, nF*H] real target features
+        self.n_real = 0                              # draft cache entries built from real features
+
+    def observe(self, tokens, hidden):
+        feats = torch.cat([hidden[i][0] for i in self.layers], dim=-1)
+        self.features = feats if self.features is None else torch.cat([self.features, feats])
+
+    @torch.inference_mode()
+    def propose(self, context, k, temperature, top_p, generator):
+        head = self.head
+        rollback(self.cache, self.n_real)
+        n_feat = self.features.shape[0]
+        new_feats = self.features[self.n_real:n_feat][None]
+        new_toks = torch.tensor([context[self.n_real + 1:n_feat + 1]], device=new_feats.device)
+        hidden = head(head.step_inputs(new_feats, new_toks, fused=False), self.cache)[:, -1:]
+        self.n_real = n_feat
+        drafted, rows = [], []
+        for j in range(k):
+            logits = head.logits(hidden)[0, -1].float()
+            probs = logits_to_probs(logits[None], temperature, top_p)[0]
+            pick = int(logits.argmax()) if temperature <= 0 else sample(probs, generator)
+            tok = int(head.to_target_ids(torch.tensor(pick)))
+            drafted.append(tok)
+            rows.append(probs)
+            if j + 1 < k:
+                step_in = head.step_inputs(hidden, torch.tensor([[tok]], device=hidden.device), fused=True)
+                hidden = head(step_in, self.cache)
+        q = head.full_vocab_probs(torch.stack(rows)) if temperature > 0 else None
+        return drafted, q

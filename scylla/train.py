@@ -1,0 +1,285 @@
+"""Draft training: corpus -> target features (cached) -> FeatureHead, via Accelerate.
+
+`tokens` is the paper's pretraining token volume: exactly that many training
+positions are seen (the corpus repeats when the budget exceeds it; the record says
+how many unique tokens there were). Training-time test (EAGLE-3) unrolls the draft
+on its own predicted features for `ttt_steps` passes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from scylla import ScyllaError
+from scylla.head import FeatureHead, HeadConfig, save_head
+
+STORED_LAYERS_NOTE = "feature cache holds hidden_states[2], [n//2], [n-3] and [n] (fp16)"
+
+
+def stored_layers(n_layers: int) -> list[int]:
+    return [2, n_layers // 2, n_layers - 3, n_layers]
+
+
+@dataclass
+class TrainConfig:
+    tokens: int
+    layers: int = 1
+    fusion: str = "multi"
+    draft_vocab: int = 8192
+    ttt_steps: int = 3
+    lr: float = 5e-4
+    batch_seqs: int = 8
+    max_len: int = 384
+    seed: int = 0
+    init_from_target: bool = True
+    reg_weight: float = 1.0      # feature regression (last-layer fusion only, as EAGLE-1/2)
+    kind: str = "scylla"
+    checkpoint_every: int = 200  # optimizer steps
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    if cfg.tokens < 256:
+        raise ScyllaError(f"--tokens must be >= 256, got {cfg.tokens}")
+    if not 1 <= cfg.layers <= 8:
+        raise ScyllaError(f"--layers must be in 1..8, got {cfg.layers}")
+    if cfg.fusion not in ("last", "multi"):
+        raise ScyllaError(f"--fusion must be last or multi, got {cfg.fusion!r}")
+    if cfg.draft_vocab < 0 or cfg.ttt_steps < 1:
+        raise ScyllaError("--draft-vocab must be >= 0 and --ttt >= 1")
+
+
+# ---------------------------------------------------------------- data
+
+def split_heldout(seqs: list[dict], share: float = 0.05, seed: int = 1234) -> tuple[list, list]:
+    order = list(range(len(seqs)))
+    random.Random(seed).shuffle(order)
+    cut = max(1, int(len(seqs) * share))
+    held = [seqs[i] for i in order[:cut]]
+    train = [seqs[i] for i in order[cut:]]
+    return train, held
+
+
+def token_stream(seqs: list[dict], budget: int, max_len: int, seed: int):
+    """Yield (possibly truncated) sequences until exactly `budget` positions are used."""
+    rng = random.Random(seed)
+    used, epoch = 0, 0
+    while used < budget:
+        order = list(range(len(seqs)))
+        rng.shuffle(order)
+        for i in order:
+            seq = seqs[i]
+            length = min(len(seq["tokens"]), max_len)
+            positions = min(length - 1, budget - used)
+            if positions < 1:
+                continue
+            yield {k: v[:positions + 1] for k, v in seq.items()}
+            used += positions
+            if used >= budget:
+                return
+        epoch += 1
+
+
+def collate(items: list[dict], feature_cols: slice, last_cols: slice | None = None) -> dict:
+    width = max(len(x["tokens"]) for x in items)
+    def pad(key, fill, rows):
+        out = []
+        for x in items:
+            v = x[key] if rows is None else x[key][:, rows]
+            extra = width - len(v)
+            out.append(torch.cat([v, v.new_full((extra, *v.shape[1:]), fill)]) if extra else v)
+        return torch.stack(out)
+    mask = torch.stack([torch.arange(width) < len(x["tokens"]) for x in items]).long()
+    return {"tokens": pad("tokens", 0, None), "labels": pad("labels", -100, None),
+            "features": pad("features", 0, feature_cols).float(),
+            "last": pad("features", 0, last_cols).float() if last_cols else None, "mask": mask}
+
+
+def feature_columns(fusion: str, hidden: int) -> slice:
+    # stored order: [low, mid, high, last]
+    return slice(0, 3 * hidden) if fusion == "multi" else slice(3 * hidden, 4 * hidden)
+
+
+def last_columns(cols: slice) -> slice:
+    width = (cols.stop - cols.start) // (3 if cols.start == 0 else 1)
+    return slice(3 * width, 4 * width)
+
+
+def draft_vocab_map(seqs: list[dict], size: int, target_vocab: int) -> torch.Tensor:
+    """The `size` most frequent target next tokens in the corpus (EAGLE-3's reduced vocabulary)."""
+    counts = torch.zeros(target_vocab, dtype=torch.long)
+    for s in seqs:
+        counts += torch.bincount(s["labels"], minlength=target_vocab)
+    return counts.argsort(descending=True)[:size].sort().values
+
+
+# ---------------------------------------------------------------- loss
+
+def head_loss(head: FeatureHead, batch: dict, t2d: torch.Tensor | None, cfg: TrainConfig):
+    """Weighted CE over TTT passes (+ feature regression for last-layer fusion); top-1 of pass 0."""
+    feats, toks, labels, mask = batch["features"], batch["tokens"], batch["labels"], batch["mask"]
+    inp_feat = feats[:, :-1]
+    inp_tok = toks[:, 1:]
+    attn = mask[:, 1:]
+    tgt = labels[:, 1:].clone()
+    tgt[attn == 0] = -100
+    if t2d is not None:
+        tgt = torch.where(tgt >= 0, t2d[tgt.clamp_min(0)], tgt)
+    g = head.fuse(inp_feat)
+    total, top1 = 0.0, None
+    for step in range(cfg.ttt_steps):
+        h = head(head.fc(torch.cat([g, head.embed(inp_tok)], -1)), attention_mask=attn)
+        logits = head.logits(h)
+        ce = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
+        total = total + (0.8 ** step) * ce
+        if step == 0:
+            valid = tgt != -100
+            top1 = ((logits.argmax(-1) == tgt) & valid).sum().item() / max(valid.sum().item(), 1)
+            if cfg.fusion == "last" and cfg.reg_weight > 0:
+                true_next = batch["last"][:, 1:]
+                reg = F.smooth_l1_loss(h[attn == 1], true_next[attn == 1])
+                total = total + cfg.reg_weight * reg
+        # next pass: each position sees the draft's own prediction of its feature
+        g = torch.cat([g[:, :1], h[:, :-1]], dim=1)
+    return total, top1
+
+
+@torch.no_grad()
+def heldout_top1(head, seqs, t2d, cfg, cols) -> float:
+    head.eval()
+    hits = n = 0
+    one_pass = TrainConfig(**{**asdict(cfg), "ttt_steps": 1, "reg_weight": 0.0})
+    for i in range(0, len(seqs), cfg.batch_seqs):
+        items = [{k: v[:cfg.max_len] for k, v in s.items()} for s in seqs[i:i + cfg.batch_seqs]]
+        batch = collate(items, cols)
+        _, acc = head_loss(head, batch, t2d, one_pass)
+        count = int((batch["mask"][:, 1:] == 1).sum())
+        hits += acc * count
+        n += count
+    head.train()
+    return hits / max(n, 1)
+
+
+# ---------------------------------------------------------------- checkpoints (safetensors only)
+
+def save_checkpoint(folder: Path, head, optimizer, state: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in head.state_dict().items()}
+    for i, st in optimizer.state_dict()["state"].items():
+        for name, val in st.items():
+            tensors[f"opt.{i}.{name}"] = torch.as_tensor(val).detach().contiguous()
+    save_file(tensors, str(folder / "checkpoint.tmp"))
+    (folder / "checkpoint.tmp").replace(folder / "checkpoint.safetensors")
+    (folder / "checkpoint.json").write_text(json.dumps(state))
+
+
+def load_checkpoint(folder: Path, head, optimizer) -> dict | None:
+    path = folder / "checkpoint.safetensors"
+    if not path.is_file() or not (folder / "checkpoint.json").is_file():
+        return None
+    tensors = load_file(str(path))
+    head.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_state = optimizer.state_dict()
+    for key, val in tensors.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            opt_state["state"].setdefault(int(i), {})[name] = val
+    optimizer.load_state_dict(opt_state)
+    return json.loads((folder / "checkpoint.json").read_text())
+
+
+# ---------------------------------------------------------------- the loop
+
+def make_head(target_model, cfg: TrainConfig, vocab_ids: torch.Tensor | None, name: str) -> FeatureHead:
+    tc = target_model.config
+    hcfg = HeadConfig(target_name=name, target_hidden=tc.hidden_size, target_vocab=tc.vocab_size,
+                      target_layers=tc.num_hidden_layers, layers=cfg.layers, fusion=cfg.fusion,
+                      draft_vocab=cfg.draft_vocab, heads=tc.num_attention_heads,
+                      kv_heads=tc.num_key_value_heads, intermediate=tc.intermediate_size,
+                      rope_theta=float(tc.rope_parameters["rope_theta"]), rms_eps=tc.rms_norm_eps,
+                      ttt_steps=cfg.ttt_steps, tokens=cfg.tokens, seed=cfg.seed, kind=cfg.kind)
+    torch.manual_seed(cfg.seed)
+    head = FeatureHead(hcfg)
+    if cfg.init_from_target:
+        head.init_from_target(target_model)
+    if vocab_ids is not None:
+        head.d2t.copy_(vocab_ids)
+        # start the reduced head from the target's own output rows
+        head.head.weight.data.copy_(target_model.get_output_embeddings().weight.data[vocab_ids])
+    head.attach_target(target_model)
+    return head
+
+
+def train_head(target, seqs: list[dict], cfg: TrainConfig, out_dir: Path, target_name: str,
+               log=print) -> dict:
+    """Train a FeatureHead on cached feature sequences; save it to out_dir; return the record."""
+    from accelerate import Accelerator
+
+    check_train_config(cfg)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    train_seqs, held = split_heldout(seqs)
+    unique = sum(len(s["tokens"]) - 1 for s in train_seqs)
+    vocab_ids = draft_vocab_map(train_seqs, cfg.draft_vocab, target.model.config.vocab_size) if cfg.draft_vocab else None
+    head = make_head(target.model, cfg, vocab_ids, target_name)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    t2d = None
+    if vocab_ids is not None:
+        t2d = torch.full((target.model.config.vocab_size,), -100, dtype=torch.long)
+        t2d[vocab_ids] = torch.arange(len(vocab_ids))
+    optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    n_steps = math.ceil(cfg.tokens / (cfg.batch_seqs * 200))  # rough, for the schedule only
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / max(n_steps, 1)))
+    head, optimizer = accelerator.prepare(head, optimizer)
+    ckpt = out_dir / "ckpt"
+    state = load_checkpoint(ckpt, accelerator.unwrap_model(head), optimizer) or {"step": 0, "seen": 0}
+    cols = feature_columns(cfg.fusion, target.model.config.hidden_size)
+    stream = token_stream(train_seqs, cfg.tokens, cfg.max_len, cfg.seed)
+    start, step, seen, loss_val, acc = time.time(), 0, 0, float("nan"), 0.0
+    bar = tqdm(total=cfg.tokens, desc=f"train {cfg.kind}", unit="tok", initial=state["seen"])
+    batch_items = []
+    for item in stream:
+        batch_items.append(item)
+        if len(batch_items) < cfg.batch_seqs:
+            continue
+        seen, step = run_batch(batch_items, head, optimizer, schedule, accelerator, t2d, cfg, cols, seen, step, state, bar)
+        batch_items = []
+        if step % cfg.checkpoint_every == 0 and step > state["step"]:
+            save_checkpoint(ckpt, accelerator.unwrap_model(head), optimizer, {"step": step, "seen": seen})
+    if batch_items:
+        seen, step = run_batch(batch_items, head, optimizer, schedule, accelerator, t2d, cfg, cols, seen, step, state, bar)
+    bar.close()
+    head = accelerator.unwrap_model(head)
+    top1 = heldout_top1(head, held, t2d, cfg, cols)
+    save_head(head, out_dir)
+    record = {"draft_kind": cfg.kind, "layers": cfg.layers, "fusion": cfg.fusion, "draft_vocab": cfg.draft_vocab,
+              "tokens": cfg.tokens, "ttt_steps": cfg.ttt_steps, "seed": cfg.seed,
+              "wall_s": round(time.time() - start, 1), "final_loss": state.get("loss"),
+              "heldout_top1": round(top1, 4), "unique_tokens": unique, "path": str(out_dir)}
+    (out_dir / "training.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def run_batch(items, head, optimizer, schedule, accelerator, t2d, cfg, cols, seen, step, state, bar):
+    positions = sum(len(x["tokens"]) - 1 for x in items)
+    if seen + positions <= state["seen"]:  # resuming: skip what the checkpoint already saw
+        return seen + positions, step + 1
+    batch = collate(items, cols, last_columns(cols))
+    loss, acc = head_loss(accelerator.unwrap_model(head), batch, t2d, cfg)
+    optimizer.zero_grad()
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(head.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    state["loss"] = round(float(loss), 4)
+    bar.update(positions)
+    bar.set_postfix(loss=f"{float(loss):.3f}", top1=f"{acc:.2f}")
+    return seen + positions, step + 1

@@ -1,0 +1,139 @@
+"""Shared fixtures: a tiny randomly initialised Llama (fast) and the real bundled target (slow)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from scylla.models import Target
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def tiny_llama(vocab: int = 96, layers: int = 4, hidden: int = 32, max_pos: int = 256, seed: int = 0,
+               init_range: float = 0.2, eos: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=max_pos, initializer_range=init_range,
+                      bos_token_id=1, eos_token_id=eos, pad_token_id=0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).to(torch.float64).eval()  # float64: no near-tie flips in equality tests
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=0, bos_token_id=1)
+    return model
+
+
+def tiny_target(**kwargs) -> Target:
+    return Target(tiny_llama(**kwargs), tokenizer=None, name="tiny-llama", quant="none", device="cpu")
+
+
+@pytest.fixture
+def tiny():
+    return tiny_target()
+
+
+@pytest.fixture(scope="session")
+def real_target():
+    from scylla.models import load_target
+
+    return load_target()
+
+
+# ---------------------------------------------------------------- e2e: a real server and Chromium
+# (Streamlit's own e2e conftest does the same: start `streamlit run`, poll /_stcore/health,
+# then wait for the app's script to stop running before asserting.)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc, timeout_s: float = 90.0) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200 and r.read().strip() == b"ok":
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"streamlit not healthy after {timeout_s:.0f} s")
+
+
+@pytest.fixture(scope="session")
+def e2e_db(tmp_path_factory):
+    """A temporary copy of the committed store (SCYLLA_DB), so the committed file never changes."""
+    import shutil
+
+    from scylla import store
+
+    db = tmp_path_factory.mktemp("e2e-store") / "results.duckdb"
+    if (REPO_ROOT / "results.duckdb").is_file():
+        shutil.copy(REPO_ROOT / "results.duckdb", db)
+    store.init_db(db)
+    return db
+
+
+@pytest.fixture(scope="session")
+def streamlit_server(e2e_db, tmp_path_factory):
+    """`streamlit run app.py` on 127.0.0.1:<free port>; yields the base URL."""
+    import subprocess
+    import sys
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    logs = tmp_path_factory.mktemp("e2e-server")
+    env = dict(os.environ, SCYLLA_DB=str(e2e_db), SCYLLA_RUNS_DIR=str(logs / "runs"),
+               PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error")
+    log = open(logs / "streamlit.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1",
+         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_healthy(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(chromium):
+    context = chromium.new_context(viewport={"width": 1400, "height": 1000})
+    pg = context.new_page()
+    pg.set_default_timeout(120_000)
+    yield pg
+    context.close()
