@@ -7,7 +7,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from scylla.data import code_sequences, self_distill, training_prompts
+import random
+
+from scylla.data import code_sequences, self_distill, stdlib_docstrings, stdlib_functions, training_prompts
 from scylla.models import cache_root
 
 
@@ -35,6 +37,35 @@ def build_selfdistill(target, n_prompts: int, max_new_tokens: int, batch: int, s
                                             "wall_s_last_session": round(time.time() - start, 1)})
             bar.update(min(batch, n_prompts - i))
     return path
+
+
+def build_realtext(target, max_tokens: int = 640) -> Path:
+    """Real text in chat form: docstrings to explain and functions to write. The labels the
+    draft learns are the target's own next-token choices on these contexts (distillation)."""
+    name = "stdlib-chat"
+    path = corpus_path(name)
+    if path.is_file():
+        return path
+    seqs = [chat_pair(target, f"Explain this documentation in plain words.\n\n{doc}", doc, max_tokens)
+            for doc in stdlib_docstrings()]
+    seqs += [chat_pair(target, f"Write the Python function `{first_line(src)}`.", f"```python\n{src}\n```", max_tokens)
+             for src in stdlib_functions()]
+    order = random.Random(0).sample(range(len(seqs)), len(seqs))
+    write_corpus(path, name, [seqs[i] for i in order],
+                 {"kind": "real text, chat-formatted", "source": "Python standard-library docstrings and function sources"})
+    return path
+
+
+def chat_pair(target, user: str, answer: str, max_tokens: int) -> list[int]:
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    ids = target.tokenizer.apply_chat_template(messages, tokenize=True)
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)[:max_tokens]
+
+
+def first_line(src: str) -> str:
+    return src.strip().splitlines()[0].removeprefix("def ").rstrip(":")
 
 
 def build_code(target) -> Path:

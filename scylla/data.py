@@ -215,7 +215,7 @@ def corpus_key(name: str, target_name: str, layers: list[int]) -> str:
 
 @torch.inference_mode()
 def extract_features(target, seqs: list[list[int]], layers: list[int], out_dir: Path,
-                     shard_tokens: int = 65536, progress=None) -> Path:
+                     shard_tokens: int = 16384, progress=None) -> Path:
     """Teacher-force each sequence through the target; store the chosen hidden layers (fp16),
     the tokens and the target's greedy next token at every position, in safetensors shards."""
     out_dir = Path(out_dir)

@@ -11,12 +11,14 @@ from scylla.data import corpus_key, extract_features, load_feature_sequences
 from scylla.models import cache_root, load_target
 from scylla.train import TrainConfig, stored_layers, train_head
 
-CORPORA = {"selfdistill": ["selfdistill-960-s1"], "code": ["stdlib-code"],
-           "mix": ["selfdistill-960-s1", "stdlib-code"]}
-CODE_SHARE = 0.25  # the mix: three self-distilled sequences to one code sequence
+CORPORA = {"mix": ["selfdistill-960-s1", "stdlib-chat"], "selfdistill": ["selfdistill-960-s1"],
+           "stdlib": ["stdlib-chat"]}
+FEATURE_BUDGET = 150_000  # tokens of target features cached per corpus (the 2^17 budget + held-out)
 
 
-def mixed_sequences(corpus: str) -> list[list[int]]:
+def mixed_sequences(corpus: str, budget: int = FEATURE_BUDGET) -> list[list[int]]:
+    """The corpus's sequences, the self-distilled ones spread evenly through the first `budget`
+    tokens so that every prefix (every token budget) holds both kinds."""
     names = CORPORA.get(corpus)
     if names is None:
         raise ScyllaError(f"unknown --corpus {corpus!r}; choose {', '.join(CORPORA)}")
@@ -24,17 +26,27 @@ def mixed_sequences(corpus: str) -> list[list[int]]:
         if not corpus_path(name).is_file():
             raise ScyllaError(f"corpus {name} is not built; run `scylla build-corpus` first")
     parts = [read_corpus(n)["sequences"] for n in names]
+    merged = interleave(parts)
+    out, total = [], 0
+    for seq in merged:
+        if total >= budget:
+            break
+        out.append(seq)
+        total += len(seq)
+    return out
+
+
+def interleave(parts: list[list[list[int]]]) -> list[list[int]]:
     if len(parts) == 1:
         return parts[0]
-    chat, code = parts
-    code = code[: int(len(chat) * CODE_SHARE / (1 - CODE_SHARE))]
-    # interleave so that any prefix of the feature cache holds both kinds
+    small, big = sorted(parts, key=len)
+    every = max(1, len(big) // max(len(small), 1) // 4)  # spread the small part over ~1/4 of the big one
     out, j = [], 0
-    for i, seq in enumerate(chat):
-        out.append(seq)
-        if i % 3 == 2 and j < len(code):
-            out.append(code[j])
+    for i, seq in enumerate(big):
+        if i % every == 0 and j < len(small):
+            out.append(small[j])
             j += 1
+        out.append(seq)
     return out
 
 

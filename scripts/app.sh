@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up, then start the Streamlit app on the embedded default.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/streamlit run app.py "$@"

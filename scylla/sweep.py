@@ -1,0 +1,197 @@
+"""`scylla sweep CONFIG.toml`: a grid of draft trainings and evaluations into the store.
+
+Each grid point has a deterministic id (a hash of its config), trains the draft it
+needs (cached by config hash), benchmarks it against the baseline interleaved per
+prompt, and writes its rows (overall + per category) in one transaction. Killing
+the sweep loses at most the point in flight; rerunning skips finished points.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from scylla import ScyllaError
+
+GRID_KEYS = {"tokens", "layers", "batch", "temperature", "k", "draft"}
+TOP_KEYS = {"name", "prompts", "limit", "max_new_tokens", "seed", "grid", "train"}
+TRAIN_KEYS = {"fusion", "draft_vocab", "ttt", "seed", "corpus", "lr"}
+
+
+@dataclass
+class SweepConfig:
+    name: str
+    prompts: str
+    limit: int
+    max_new_tokens: int
+    seed: int
+    grid: dict
+    train: dict = field(default_factory=dict)
+
+
+def load_config(path: str) -> SweepConfig:
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ScyllaError(f"sweep config not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ScyllaError(f"{path}: invalid TOML ({exc})") from None
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise ScyllaError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
+    grid = raw.get("grid", {})
+    train = raw.get("train", {})
+    check_grid(grid, path)
+    if set(train) - TRAIN_KEYS:
+        raise ScyllaError(f"{path}: unknown [train] key(s) {sorted(set(train) - TRAIN_KEYS)}")
+    cfg = SweepConfig(name=str(raw.get("name", Path(path).stem)),
+                      prompts=str(raw.get("prompts", "assets/eval_prompts.jsonl")),
+                      limit=int(raw.get("limit", 16)), max_new_tokens=int(raw.get("max_new_tokens", 64)),
+                      seed=int(raw.get("seed", 0)), grid=grid, train=train)
+    if cfg.limit < 1 or cfg.max_new_tokens < 1:
+        raise ScyllaError(f"{path}: limit and max_new_tokens must be >= 1")
+    if not Path(cfg.prompts).is_file():
+        raise ScyllaError(f"{path}: prompts file not found: {cfg.prompts}")
+    return cfg
+
+
+def check_grid(grid: dict, path: str) -> None:
+    unknown = set(grid) - GRID_KEYS
+    if unknown:
+        raise ScyllaError(f"{path}: unknown [grid] key(s) {sorted(unknown)}; allowed: {sorted(GRID_KEYS)}")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ScyllaError(f"{path}: [grid] {key} must be a non-empty list")
+    checks = {"tokens": lambda v: isinstance(v, int) and v >= 256, "layers": lambda v: isinstance(v, int) and 1 <= v <= 8,
+              "batch": lambda v: v == 1, "temperature": lambda v: isinstance(v, (int, float)) and 0 <= v <= 2,
+              "k": lambda v: isinstance(v, int) and 1 <= v <= 16, "draft": lambda v: isinstance(v, str)}
+    for key, values in grid.items():
+        bad = [v for v in values if not checks[key](v)]
+        if bad:
+            hint = " (batch > 1 needs the batched engine, not built yet)" if key == "batch" else ""
+            raise ScyllaError(f"{path}: impossible [grid] {key} value(s) {bad}{hint}")
+    if "draft" not in grid and "tokens" not in grid:
+        raise ScyllaError(f"{path}: the grid needs `tokens` (trained drafts) or `draft` (untrained kinds)")
+
+
+def grid_points(cfg: SweepConfig) -> list[dict]:
+    defaults = {"layers": [1], "batch": [1], "temperature": [0.0], "k": [5]}
+    axes = {**defaults, **cfg.grid}
+    keys = sorted(axes)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(axes[k] for k in keys))]
+
+
+def point_id(cfg: SweepConfig, point: dict) -> str:
+    raw = json.dumps([cfg.prompts, cfg.limit, cfg.max_new_tokens, cfg.seed, cfg.train, point], sort_keys=True)
+    return "sweep-" + hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def draft_folder(cfg: SweepConfig, point: dict) -> Path:
+    from scylla.models import cache_root
+
+    key = json.dumps([cfg.train, point["tokens"], point["layers"]], sort_keys=True)
+    return cache_root() / "drafts" / ("sweep-" + hashlib.sha256(key.encode()).hexdigest()[:12])
+
+
+def finished_ids(db: str) -> set[str]:
+    from scylla.store import runs_frame
+
+    if not Path(db).is_file():
+        return set()
+    frame = runs_frame(db)
+    return set(frame["id"]) if len(frame) else set()
+
+
+def sweep_command(args) -> int:
+    cfg = load_config(args.config)
+    points = grid_points(cfg)
+    done = finished_ids(args.db)
+    todo = [p for p in points if point_id(cfg, p) + "-all" not in done]
+    print(f"sweep {cfg.name}: {len(points)} points, {len(points) - len(todo)} done, {len(todo)} to run", file=sys.stderr)
+    if args.dry_run:
+        for p in points:
+            state = "done" if p not in todo else "todo"
+            print(f"{state}  {json.dumps(p, sort_keys=True)}")
+        return 0
+    from scylla.models import load_target
+    from scylla.store import init_db
+
+    init_db(args.db)
+    target = load_target()
+    for point in tqdm(todo, desc=f"sweep {cfg.name}", unit="point"):
+        run_point(cfg, point, target, args.db, args.config)
+    return 0
+
+
+def run_point(cfg: SweepConfig, point: dict, target, db: str, config_path: str) -> None:
+    from scylla.bench import run_bench
+    from scylla.data import load_prompts
+    from scylla.drafts import make_draft
+    from scylla.store import insert_training, write_runs_atomic
+
+    spec, record = point.get("draft"), None
+    if spec is None:
+        folder, record = ensure_draft(cfg, point, target)
+        if record is not None:
+            insert_training(db, record)
+        spec = str(folder)
+    draft = make_draft(spec, target)
+    prompts = load_prompts(cfg.prompts, cfg.limit)
+    report = run_bench(target, draft, prompts, cfg.max_new_tokens, point["k"], point["temperature"],
+                       1.0, cfg.seed, spec, point["batch"])
+    write_runs_atomic(db, report_rows(cfg, point, report, spec, config_path))
+
+
+def ensure_draft(cfg: SweepConfig, point: dict, target) -> tuple[Path, dict | None]:
+    """Train the point's draft unless a finished one is cached; return (folder, new record)."""
+    from scylla.data import load_feature_sequences
+    from scylla.pipeline import ensure_features
+    from scylla.train import TrainConfig, train_head
+
+    folder = draft_folder(cfg, point)
+    if (folder / "training.json").is_file():
+        return folder, None
+    t = cfg.train
+    tcfg = TrainConfig(tokens=point["tokens"], layers=point["layers"], fusion=t.get("fusion", "multi"),
+                       draft_vocab=t.get("draft_vocab", 8192), ttt_steps=t.get("ttt", 3),
+                       seed=t.get("seed", 0), lr=t.get("lr", 5e-4), kind="scylla-sweep")
+    seqs = load_feature_sequences(ensure_features(target, t.get("corpus", "mix")))
+    record = train_head(target, seqs, tcfg, folder, target.name)
+    record.update({"target": target.name, "corpus": t.get("corpus", "mix"),
+                   "command": f"scylla sweep ({cfg.name})"})
+    record.pop("unique_tokens", None)
+    return folder, record
+
+
+def report_rows(cfg: SweepConfig, point: dict, report: dict, spec: str, config_path: str) -> list[dict]:
+    from scylla.head import read_config
+
+    base = {"command": f"scylla sweep {config_path}", "device": report["device"], "target": report["target"],
+            "quant": report["quant"], "draft": spec, "temperature": point["temperature"], "top_p": 1.0,
+            "shape": report["shape"], "k": point["k"], "batch": point["batch"], "prompt_set": Path(cfg.prompts).name}
+    if "tokens" in point and "draft" not in point:
+        head = read_config(Path(spec))
+        base.update({"draft_kind": "scylla", "layers": head.layers, "fusion": head.fusion,
+                     "draft_vocab": head.draft_vocab, "tokens": head.tokens, "train_seed": head.seed})
+    else:
+        base["draft_kind"] = spec.split(":")[0]
+    pid = point_id(cfg, point)
+    overall = {**base, "id": pid + "-all", "category": "all", "n_prompts": report["n_prompts"],
+               "tau": report["tau"], "accept_rate": report["accept_rate"],
+               "per_position_accept": report["per_position_accept"], "tokens_per_s": report["tokens_per_s"],
+               "baseline_tokens_per_s": report["baseline_tokens_per_s"], "speedup": report["speedup"],
+               "throughput": report["tokens_per_s"], "exact_match_rate": report["exact_match_rate"],
+               "wall_s": report["wall_s"], "draft_ms": report["draft_ms_per_step"],
+               "verify_ms": report["verify_ms_per_step"]}
+    rows = [overall]
+    for cat, c in sorted(report["by_category"].items()):
+        rows.append({**base, "id": f"{pid}-{cat}", "category": cat, "n_prompts": c["n"], "tau": c["tau"],
+                     "accept_rate": c["accept_rate"], "speedup": c["speedup"]})
+    return rows
