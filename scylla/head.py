@@ -67,7 +67,8 @@ class FeatureHead(nn.Module):
                                num_key_value_heads=cfg.kv_heads, vocab_size=1,
                                rms_norm_eps=cfg.rms_eps,
                                rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"},
-                               max_position_embeddings=8192)
+                               max_position_embeddings=8192, bos_token_id=None,
+                               eos_token_id=None, pad_token_id=None)
         self.body = LlamaModel(body_cfg)
         self.head = nn.Linear(h, cfg.draft_vocab, bias=False) if cfg.draft_vocab else None
         self.register_buffer("d2t", torch.arange(cfg.draft_vocab or 1), persistent=True)
@@ -152,7 +153,8 @@ def load_head(folder: Path, target_model) -> FeatureHead:
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise ScyllaError(f"{folder}/{WEIGHTS}: corrupt or mismatched weights ({str(exc).splitlines()[0]})") from None
     head.attach_target(target_model)
-    return head.to(next(target_model.parameters()).device).eval()
+    ref = target_model.get_input_embeddings().weight
+    return head.to(device=ref.device, dtype=ref.dtype).eval()
 
 
 def shipped_dir() -> Path:

@@ -88,7 +88,8 @@ def token_stream(seqs: list[dict], budget: int, max_len: int, seed: int):
         epoch += 1
 
 
-def collate(items: list[dict], feature_cols: slice, last_cols: slice | None = None) -> dict:
+def collate(items: list[dict], feature_cols: slice, last_cols: slice | None = None,
+            dtype=torch.float32) -> dict:
     width = max(len(x["tokens"]) for x in items)
     def pad(key, fill, rows):
         out = []
@@ -99,8 +100,8 @@ def collate(items: list[dict], feature_cols: slice, last_cols: slice | None = No
         return torch.stack(out)
     mask = torch.stack([torch.arange(width) < len(x["tokens"]) for x in items]).long()
     return {"tokens": pad("tokens", 0, None), "labels": pad("labels", -100, None),
-            "features": pad("features", 0, feature_cols).float(),
-            "last": pad("features", 0, last_cols).float() if last_cols else None, "mask": mask}
+            "features": pad("features", 0, feature_cols).to(dtype),
+            "last": pad("features", 0, last_cols).to(dtype) if last_cols else None, "mask": mask}
 
 
 def feature_columns(fusion: str, hidden: int) -> slice:
@@ -125,7 +126,8 @@ def draft_vocab_map(seqs: list[dict], size: int, target_vocab: int) -> torch.Ten
 
 def head_loss(head: FeatureHead, batch: dict, t2d: torch.Tensor | None, cfg: TrainConfig):
     """Weighted CE over TTT passes (+ feature regression for last-layer fusion); top-1 of pass 0."""
-    feats, toks, labels, mask = batch["features"], batch["tokens"], batch["labels"], batch["mask"]
+    dtype = head.fc.weight.dtype
+    feats, toks, labels, mask = batch["features"].to(dtype), batch["tokens"], batch["labels"], batch["mask"]
     inp_feat = feats[:, :-1]
     inp_tok = toks[:, 1:]
     attn = mask[:, 1:]
@@ -144,7 +146,7 @@ def head_loss(head: FeatureHead, batch: dict, t2d: torch.Tensor | None, cfg: Tra
             valid = tgt != -100
             top1 = ((logits.argmax(-1) == tgt) & valid).sum().item() / max(valid.sum().item(), 1)
             if cfg.fusion == "last" and cfg.reg_weight > 0:
-                true_next = batch["last"][:, 1:]
+                true_next = batch["last"][:, 1:].to(dtype)
                 reg = F.smooth_l1_loss(h[attn == 1], true_next[attn == 1])
                 total = total + cfg.reg_weight * reg
         # next pass: each position sees the draft's own prediction of its feature
@@ -215,7 +217,7 @@ def make_head(target_model, cfg: TrainConfig, vocab_ids: torch.Tensor | None, na
         # start the reduced head from the target's own output rows
         head.head.weight.data.copy_(target_model.get_output_embeddings().weight.data[vocab_ids])
     head.attach_target(target_model)
-    return head
+    return head.to(target_model.get_input_embeddings().weight.dtype)
 
 
 def train_head(target, seqs: list[dict], cfg: TrainConfig, out_dir: Path, target_name: str,

@@ -1,0 +1,106 @@
+"""Scylla draft heads on a tiny random target: training, save/load, decoding with the head."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from scylla import ScyllaError
+from scylla.data import features_of
+from scylla.decoding import generate_ids
+from scylla.head import HeadDraft, load_head, save_head
+from scylla.train import (TrainConfig, check_train_config, collate, draft_vocab_map, feature_columns,
+                          head_loss, last_columns, make_head, stored_layers, token_stream, train_head)
+from tests.conftest import tiny_target
+from tests.test_engine import plain_greedy
+
+
+def tiny_cfg(**kw):
+    base = dict(tokens=2000, layers=1, fusion="multi", draft_vocab=48, ttt_steps=2, lr=3e-3,
+                batch_seqs=4, max_len=64, init_from_target=True, checkpoint_every=10_000)
+    return TrainConfig(**(base | kw))
+
+
+def feature_seqs(target, n=24, length=40, seed=0):
+    rng = random.Random(seed)
+    layers = stored_layers(target.model.config.num_hidden_layers)
+    with torch.no_grad():
+        return [features_of(target, [rng.randrange(3, 96) for _ in range(length)], layers) for _ in range(n)]
+
+
+@pytest.mark.parametrize("fusion,vocab", [("multi", 48), ("last", 0)])
+def test_training_steps_lower_the_loss(fusion, vocab):
+    target = tiny_target()
+    seqs = feature_seqs(target)
+    cfg = tiny_cfg(fusion=fusion, draft_vocab=vocab)
+    vocab_ids = draft_vocab_map(seqs, vocab, 96) if vocab else None
+    head = make_head(target.model, cfg, vocab_ids, "tiny")
+    t2d = None
+    if vocab_ids is not None:
+        t2d = torch.full((96,), -100, dtype=torch.long)
+        t2d[vocab_ids] = torch.arange(vocab)
+    cols = feature_columns(fusion, 32)
+    batch = collate(seqs[:4], cols, last_columns(cols))
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    first, _ = head_loss(head, batch, t2d, cfg)
+    for _ in range(40):
+        loss, _ = head_loss(head, batch, t2d, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.7 * float(first)
+
+
+def test_token_budget_is_exact():
+    seqs = [{"tokens": torch.arange(50), "features": torch.zeros(50, 4), "labels": torch.arange(50)}] * 3
+    seen = sum(len(s["tokens"]) - 1 for s in token_stream(seqs, 333, 64, seed=0))
+    assert seen == 333
+
+
+def test_train_save_load_and_decode_exactly(tmp_path):
+    target = tiny_target()
+    seqs = feature_seqs(target, n=30)
+    record = train_head(target, seqs, tiny_cfg(tokens=600), tmp_path / "d", "tiny-llama", log=lambda *a: None)
+    assert record["tokens"] == 600 and 0.0 <= record["heldout_top1"] <= 1.0
+    head = load_head(tmp_path / "d", target.model)
+    prompt = [5, 9, 14, 3, 22, 7]
+    want = plain_greedy(target, prompt, 25)
+    got, steps = generate_ids(target, HeadDraft(head, "tiny"), prompt, max_new_tokens=25, k=4)
+    assert got == want
+    assert all(len(s.drafted) <= 4 for s in steps)
+
+
+def test_training_is_deterministic_for_a_seed(tmp_path):
+    target = tiny_target()
+    seqs = feature_seqs(target, n=20)
+    a = train_head(target, seqs, tiny_cfg(tokens=400), tmp_path / "a", "t", log=lambda *a: None)
+    b = train_head(target, seqs, tiny_cfg(tokens=400), tmp_path / "b", "t", log=lambda *a: None)
+    wa = load_head(tmp_path / "a", target.model).state_dict()
+    wb = load_head(tmp_path / "b", target.model).state_dict()
+    assert a["final_loss"] == b["final_loss"]
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key])
+
+
+def test_mismatched_target_and_corrupt_files_are_refused(tmp_path):
+    target = tiny_target()
+    head = make_head(target.model, tiny_cfg(), None, "tiny")
+    save_head(head, tmp_path / "d")
+    other = tiny_target(hidden=64)
+    with pytest.raises(ScyllaError, match="trained for"):
+        load_head(tmp_path / "d", other.model)
+    (tmp_path / "d" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ScyllaError, match="corrupt"):
+        load_head(tmp_path / "d", target.model)
+    (tmp_path / "d" / "config.json").write_text("{broken")
+    with pytest.raises(ScyllaError, match="corrupt draft config"):
+        load_head(tmp_path / "d", target.model)
+    with pytest.raises(ScyllaError, match="no config.json"):
+        load_head(tmp_path / "missing", target.model)
+
+
+@pytest.mark.parametrize("bad", [dict(tokens=10), dict(layers=9), dict(fusion="mid"), dict(ttt_steps=0)])
+def test_bad_training_config_is_refused(bad):
+    with pytest.raises(ScyllaError):
+        check_train_config(tiny_cfg(**bad))
