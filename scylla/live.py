@@ -14,6 +14,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import pandas as pd
@@ -122,14 +123,16 @@ def load_live_target(quant: str = "none", device: str = "auto"):
 
 
 def default_draft() -> str:
-    """The shipped Scylla draft when one is present (shipped or trained), else ngram."""
-    try:
-        from scylla.head import named_draft_dir
+    """The Scylla draft when one is shipped or trained, else ngram.
 
-        named_draft_dir("scylla")
-        return "scylla"
-    except Exception:  # noqa: BLE001 - not shipped yet, or the head module is missing
-        return "ngram"
+    Looks where scylla.head.named_draft_dir looks, without importing it: that import
+    pulls in torch and transformers (seconds), and the page should render first."""
+    cache = Path(os.environ.get("SCYLLA_CACHE", Path.home() / ".cache" / "scylla"))
+    shipped = Path(__file__).resolve().parent.parent / "assets" / "drafts"
+    for root in (shipped, cache / "drafts"):
+        if (root / "scylla" / "config.json").is_file():
+            return "scylla"
+    return "ngram"
 
 
 def draft_spec(kind: str, layers: int = 8) -> str:

@@ -41,7 +41,8 @@ def _layout(fig: go.Figure, title: str, x: str, y: str, log_x: bool = False) -> 
 def law_figure(points: pd.DataFrame, prediction: pd.DataFrame | None = None, *,
                x_label: str = "x", y_label: str = "y", group_col: str | None = None,
                reference: pd.DataFrame | None = None, saturating: pd.DataFrame | None = None,
-               extrapolation: pd.DataFrame | None = None, fit_label: str = "fit",
+               extrapolation: pd.DataFrame | None = None,
+               group_fits: pd.DataFrame | None = None, fit_label: str = "fit",
                title: str = "") -> go.Figure:
     """Scatter of points (x, y[, group]) on a log x axis with the fitted log-linear law.
 
@@ -50,6 +51,7 @@ def law_figure(points: pd.DataFrame, prediction: pd.DataFrame | None = None, *,
     reference: published figures (x, y, label) drawn as open markers.
     saturating: (x, mean) of an alternative saturating fit.
     extrapolation: predict() rows at chosen x values, drawn with their prediction interval.
+    group_fits: (group, x, mean) of each group's own line, dotted in the group's colour.
     """
     fig = go.Figure()
     if prediction is not None and len(prediction):
@@ -66,9 +68,15 @@ def law_figure(points: pd.DataFrame, prediction: pd.DataFrame | None = None, *,
                                  hovertemplate=f"{fit_label}<br>x=%{{x:.4g}}<br>y=%{{y:.4g}}<extra></extra>"))
     if group_col and group_col in points.columns:
         for i, (name, g) in enumerate(points.groupby(group_col, sort=True, dropna=False)):
+            color = GROUP_COLORS[i % len(GROUP_COLORS)]
             fig.add_trace(go.Scatter(x=g["x"], y=g["y"], mode="markers", name=f"data: {name}",
-                                     legendgroup="data",
-                                     marker=dict(size=9, color=GROUP_COLORS[i % len(GROUP_COLORS)])))
+                                     legendgroup=str(name), marker=dict(size=9, color=color)))
+            if group_fits is not None and len(group_fits):
+                line = group_fits[group_fits["group"].astype(str) == str(name)].sort_values("x")
+                if len(line):
+                    fig.add_trace(go.Scatter(x=line["x"], y=line["mean"], mode="lines",
+                                             name=f"fit: {name}", legendgroup=str(name),
+                                             line=dict(color=color, dash="dot", width=1.5)))
     else:
         fig.add_trace(go.Scatter(x=points["x"], y=points["y"], mode="markers", name="data",
                                  marker=dict(size=9, color="#263238")))

@@ -116,7 +116,8 @@ def law_analysis(points: pd.DataFrame, extrapolate_to: float | None = None,
     grid = log_grid(float(x.min()), hi)
     out = {"fit": fit, "points": points, "prediction": fit.predict(grid, alpha=alpha),
            "coefficients": law_coefficients(fit), "headline": law_headline(fit),
-           "saturating": None, "shapes": None, "groups": None, "extrapolation": None}
+           "saturating": None, "shapes": None, "groups": None, "group_fits": None,
+           "extrapolation": None}
     if extrapolate_to and extrapolate_to > 0:
         out["extrapolation"] = fit.predict(np.array([float(extrapolate_to)]), alpha=alpha)
     if saturating:
@@ -126,9 +127,23 @@ def law_analysis(points: pd.DataFrame, extrapolate_to: float | None = None,
     if group_col and group_col in points.columns and points[group_col].nunique() > 1:
         try:
             out["groups"] = laws.compare_groups(points, "x", "y", group_col)
+            out["group_fits"] = group_lines(out["groups"], points, group_col)
         except ScyllaError as exc:
             out["groups_error"] = str(exc)
     return out
+
+
+def group_lines(groups: dict, points: pd.DataFrame, group_col: str) -> pd.DataFrame:
+    """Each group's own fitted line (from compare_groups) over that group's x range."""
+    from scylla.plots import log_grid
+
+    frames = []
+    for name, law in groups["slopes"].items():
+        xs = points.loc[points[group_col].astype(str) == name, "x"].astype(float)
+        grid = log_grid(float(xs.min()), float(xs.max()), 30)
+        frames.append(pd.DataFrame({"group": name, "x": grid,
+                                    "mean": law["intercept"] + law["slope"] * np.log(grid)}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["group", "x", "mean"])
 
 
 def saturating_curve(sat: dict, x: np.ndarray) -> pd.DataFrame | None:

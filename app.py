@@ -1,0 +1,85 @@
+"""Scylla Studio: overview and navigation. Run with `streamlit run app.py`."""
+import streamlit as st
+
+from scylla import ScyllaError, live, studio
+
+PAGES_DIR = "pages"
+
+
+def overview() -> None:
+    st.title("Scylla Studio")
+    st.markdown(
+        "A speculative decoding engine and the **scaling laws of draft models** "
+        "(Yan et al., 2025, *Scaling Laws for Speculative Decoding*, arXiv 2505.07858), "
+        "made something you can run, see and question. A cheap **draft** proposes tokens, the "
+        "**target** verifies them in one forward per **step**; **tau** is the tokens produced per "
+        "step, **accept_rate** the share of drafted tokens accepted, **speedup** the tokens/s over "
+        "plain decoding. The paper claims log-linear laws along three axes: the draft's pretraining "
+        "**tokens**, its **layers**, and the decoding **batch**.")
+
+    st.subheader("Pages")
+    c1, c2, c3, c4 = st.columns(4)
+    c1.page_link("pages/1_Live_decoding.py", label="Live decoding", icon=":material/bolt:")
+    c1.caption("Plain and speculative decoding side by side, token by token.")
+    c2.page_link("pages/2_Scaling_laws.py", label="Scaling laws", icon=":material/show_chart:")
+    c2.caption("Fit the log-linear laws with confidence and prediction bands.")
+    c3.page_link("pages/3_Regression_lab.py", label="Regression lab", icon=":material/science:")
+    c3.caption("SQL over the results and OLS / WLS / GLM formulas.")
+    c4.page_link("pages/4_Runs_and_sweeps.py", label="Runs and sweeps", icon=":material/table_view:")
+    c4.caption("Browse runs, compare drafts, start a small sweep.")
+
+    st.subheader("Loaded in this app")
+    loaded = live.loaded_summary()
+    if loaded["targets"]:
+        st.dataframe(loaded["targets"], hide_index=True)
+        st.write("Drafts loaded:", ", ".join(loaded["drafts"]) or "none yet")
+    else:
+        name = "SmolLM2-135M-Instruct" if live.target_spec() == "smollm2" else live.target_spec()
+        st.write(f"Target: **{name}**, quantization none, device auto (CUDA when available, "
+                 "else CPU); it loads on the first live run. Default draft: **ngram**.")
+
+    st.subheader("What the store holds")
+    db = studio.db_path()
+    st.caption(f"Store: `{db}` (set SCYLLA_DB to use another file)")
+    if not db.is_file():
+        st.info("No results store yet: run `scylla sweep` or `scylla bench` to create one.")
+    else:
+        try:
+            from scylla import store
+
+            summary = store.store_summary(str(db))
+        except ScyllaError as exc:
+            st.error(str(exc))
+        except ImportError:
+            st.info("The store module is not in this build yet.")
+        else:
+            counts = summary.get("counts", {})
+            cols = st.columns(max(1, len(counts)))
+            for col, (table, n) in zip(cols, counts.items()):
+                col.metric(table, n)
+            axes = summary.get("axes", {})
+            covered = {a: v for a, v in axes.items() if v}
+            if covered:
+                st.markdown("**Axes covered by runs:** " + "; ".join(
+                    f"{a}: {', '.join(f'{x:,}' if isinstance(x, (int, float)) else str(x) for x in v)}"
+                    for a, v in covered.items()))
+            elif counts.get("runs", 0) == 0:
+                st.info("No measured runs yet: the Scaling laws page starts on the published "
+                        "reference figures (e.g. EAGLE-3 throughput vs batch size in SGLang).")
+            with st.expander("Store details"):
+                st.json(summary)
+
+
+st.set_page_config(page_title="Scylla Studio", layout="wide")
+navigation = st.navigation([
+    st.Page(overview, title="Overview", icon=":material/home:", default=True),
+    st.Page(f"{PAGES_DIR}/1_Live_decoding.py", title="Live decoding", icon=":material/bolt:",
+            url_path="Live_decoding"),
+    st.Page(f"{PAGES_DIR}/2_Scaling_laws.py", title="Scaling laws", icon=":material/show_chart:",
+            url_path="Scaling_laws"),
+    st.Page(f"{PAGES_DIR}/3_Regression_lab.py", title="Regression lab", icon=":material/science:",
+            url_path="Regression_lab"),
+    st.Page(f"{PAGES_DIR}/4_Runs_and_sweeps.py", title="Runs and sweeps",
+            icon=":material/table_view:", url_path="Runs_and_sweeps"),
+])
+navigation.run()

@@ -1,0 +1,159 @@
+"""Live decoding: plain and speculative decoding side by side, streaming, step by step."""
+import streamlit as st
+
+from scylla import ScyllaError, live, plots
+
+st.set_page_config(page_title="Live decoding · Scylla Studio", layout="wide")
+
+
+@st.cache_resource(show_spinner=False)
+def cached_target(spec: str, quant: str):
+    return live.load_live_target(quant)
+
+
+@st.cache_resource(show_spinner=False)
+def cached_draft(spec: str, target_spec: str, quant: str, _target):
+    return live.load_live_draft(spec, _target)
+
+
+def get_draft(spec: str, target, quant: str):
+    # ngram and layer-skip drafts are cheap to build and keep per-call state; trained heads
+    # are loaded once per process (they are reset() before every run under the lock).
+    if spec == "ngram" or spec.startswith("layerskip"):
+        return live.load_live_draft(spec, target)
+    return cached_draft(spec, live.target_spec(), quant, target)
+
+
+st.title("Live decoding")
+st.caption("The target decodes the prompt twice: plainly, one token per forward, and "
+           "speculatively, where the draft proposes up to k tokens and one target forward "
+           "verifies them. Both run on one compute clock, so the race you see is the real speedup.")
+
+with st.sidebar:
+    st.header("Settings")
+    quant = st.selectbox("Target quantization", live.QUANTS, key="quant",
+                         help="bitsandbytes int8 / nf4; on a CPU they are slower than fp32.")
+    draft_kind = st.selectbox("Draft", live.LIVE_DRAFTS, index=live.LIVE_DRAFTS.index(live.default_draft()),
+                              key="draft_kind",
+                              help="scylla / eagle*-style are trained feature heads; ngram copies "
+                                   "from the prompt; layerskip:K runs the target's first K layers.")
+    skip_layers = 8
+    if draft_kind == "layerskip":
+        skip_layers = st.number_input("layerskip: layers K", 1, 29, 8, key="skip_layers")
+    temperature = st.slider("Temperature", 0.0, 1.5, 0.0, 0.05, key="temperature")
+    top_p = st.slider("Top-p", 0.05, 1.0, 1.0, 0.05, key="top_p")
+    k = st.slider("Chain length k (draft tokens per step)", 1, 12, 6, key="k")
+    max_tokens = st.slider("Max new tokens", 8, 256, 64, 8, key="max_tokens")
+    seed = st.number_input("Seed (sampling)", 0, 2**31 - 1, 0, key="seed")
+    show_rejected = st.toggle("Show rejected drafts inline", value=True, key="show_rejected",
+                              help="Off: rejected drafts show on hover over the bonus token.")
+
+examples = live.example_prompts()
+ex1, ex2, ex3 = st.columns([1, 3, 1], vertical_alignment="bottom")
+category = ex1.selectbox("Example category", list(examples), key="example_category")
+example = ex2.selectbox("Example prompt", examples[category], key="example_prompt")
+if ex3.button("Use example", key="use_example"):
+    st.session_state["prompt"] = example
+if "prompt" not in st.session_state:
+    st.session_state["prompt"] = examples[category][0]
+prompt = st.text_area("Prompt", key="prompt", height=110,
+                      max_chars=None, help=f"At most {live.MAX_PROMPT_CHARS} characters.")
+go_clicked = st.button("Generate", type="primary", key="generate")
+
+st.markdown(live.legend_html(), unsafe_allow_html=True)
+left, right = st.columns(2)
+left.subheader("Plain decoding")
+right.subheader("Speculative decoding")
+slots = {
+    "plain": {"metrics": left.empty(), "text": left.empty()},
+    "speculative": {"metrics": right.empty(), "text": right.empty()},
+}
+chart_cols = st.columns(3)
+chart_slots = [c.empty() for c in chart_cols]
+grid_slot = st.empty()
+_render_count = [0]
+
+
+def render(result: dict, final: bool = False) -> None:
+    plain, spec = result["plain"], result["speculative"]
+    speedup = spec.tokens_per_s / plain.tokens_per_s if plain.tokens_per_s and spec.n_tokens else None
+    with slots["plain"]["metrics"].container():
+        a, b, c = st.columns(3)
+        a.metric("tokens", plain.n_tokens)
+        b.metric("tokens/s", f"{plain.tokens_per_s:.1f}")
+        c.metric("steps", len(plain.steps))
+    slots["plain"]["text"].markdown(plain.html(), unsafe_allow_html=True)
+    stats = spec.stats()
+    with slots["speculative"]["metrics"].container():
+        a, b, c, d = st.columns(4)
+        a.metric("tokens", spec.n_tokens)
+        b.metric("tokens/s", f"{spec.tokens_per_s:.1f}")
+        c.metric("tau", f"{stats['tau']:.2f}")
+        d.metric("speedup", f"{speedup:.2f}x" if speedup else "-")
+        rate = "-" if stats["accept_rate"] is None else f"{stats['accept_rate']:.2f}"
+        st.caption(f"accept_rate {rate} · steps {stats['n_steps']} · "
+                   f"draft {result['draft']} · k {result['k']}")
+    slots["speculative"]["text"].markdown(spec.html(show_rejected), unsafe_allow_html=True)
+    if len(spec.steps) > 1 or final:
+        _render_count[0] += 1
+        n = _render_count[0]
+        accepted = spec.accepted_lengths()
+        chart_slots[0].plotly_chart(
+            plots.step_accept_figure(accepted, result["k"], spec.bonus_counts()),
+            width="stretch", key=f"step_chart_{n}")
+        chart_slots[1].plotly_chart(plots.accept_hist_figure(accepted, result["k"]),
+                                    width="stretch", key=f"hist_chart_{n}")
+        chart_slots[2].plotly_chart(plots.per_position_figure(stats["per_position_accept"]),
+                                    width="stretch", key=f"pos_chart_{n}")
+    if final:
+        with grid_slot.container():
+            st.caption(f"Time to first token: plain {plain.ttft_s or 0:.2f} s, speculative "
+                       f"{spec.ttft_s or 0:.2f} s. Engine time: plain {plain.wall_s:.2f} s, "
+                       f"speculative {spec.wall_s:.2f} s.")
+            with st.expander("Step grid (speculative): drafted, accepted, rejected, bonus"):
+                st.dataframe(spec.step_table(), hide_index=True, width="stretch")
+
+
+if go_clicked:
+    st.session_state.pop("live_result", None)
+    spec_name = live.draft_spec(draft_kind, skip_layers)
+    try:
+        with st.spinner(f"Loading the target ({quant}) ..."):
+            target = cached_target(live.target_spec(), quant)
+        prompt_ids = live.check_prompt_text(prompt, target, int(max_tokens))
+        with st.spinner(f"Loading draft {spec_name} ..."):
+            draft = get_draft(spec_name, target, quant)
+        if draft is None:
+            raise ScyllaError("Choose a draft to compare against plain decoding.")
+    except ScyllaError as exc:
+        st.error(str(exc))
+        st.stop()
+    from scylla.decoding import plain_generate, speculative_generate
+
+    result = {"plain": live.Transcript(target.tokenizer, speculative=False),
+              "speculative": live.Transcript(target.tokenizer, speculative=True),
+              "draft": spec_name, "k": int(k)}
+    gen_seed = int(seed) if temperature > 0 else None
+    try:
+        waiting = slots["plain"]["text"]
+        with live.generation_slot(on_wait=lambda: waiting.info(
+                "Another session is generating on the shared model; yours starts when it ends.")):
+            plain_steps = plain_generate(target, prompt_ids, int(max_tokens), temperature, top_p,
+                                         seed=gen_seed)
+            spec_steps = speculative_generate(target, draft, prompt_ids, int(max_tokens), int(k),
+                                              temperature, top_p, seed=gen_seed)
+            for side, step, seconds in live.race(plain_steps, spec_steps):
+                result[side].add(step, seconds)
+                render(result)
+    except ScyllaError as exc:
+        st.error(str(exc))
+        st.stop()
+    except Exception as exc:  # noqa: BLE001 - shown as a message, never a traceback
+        st.error(f"Generation failed: {type(exc).__name__}: {exc}")
+        st.stop()
+    st.session_state["live_result"] = result
+
+if "live_result" in st.session_state:
+    render(st.session_state["live_result"], final=True)
+elif not go_clicked:
+    slots["plain"]["text"].info("Press Generate to decode the prompt.")

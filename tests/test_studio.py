@@ -1,0 +1,257 @@
+"""The app's non-Streamlit logic: scylla.live (transcript, race, checks) and scylla.studio."""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from importlib import resources
+
+import pandas as pd
+import pytest
+
+from scylla import ScyllaError, live, studio
+from scylla.trace import Step
+
+
+class FakeTokenizer:
+    """Token id i decodes to WORDS[i]; enough for the transcript logic."""
+
+    WORDS = {0: "<s>", 1: " Hello", 2: ",", 3: " world", 4: "!", 5: " foo", 6: " bar", 7: "<b>"}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.WORDS[i] for i in ids)
+
+
+def steps() -> list[Step]:
+    return [
+        Step(index=0, drafted=[], accepted=0, bonus=1, emitted=[1]),
+        Step(index=1, drafted=[2, 3, 5], accepted=2, bonus=4, emitted=[2, 3, 4],
+             p_draft=[0.9, 0.8, 0.1], q_draft=[1.0, 1.0, 1.0]),
+        Step(index=2, drafted=[], accepted=0, bonus=7, emitted=[7]),
+        Step(index=3, drafted=[6, 6], accepted=2, bonus=5, emitted=[6, 6, 5]),
+    ]
+
+
+def test_transcript_kinds_stats_and_html():
+    tr = live.Transcript(FakeTokenizer(), speculative=True)
+    for s in steps():
+        tr.add(s, 0.1)
+    assert tr.text == " Hello, world!<b> bar bar foo"
+    assert [t.kind for t in tr.tokens] == ["plain", "accepted", "accepted", "bonus", "plain",
+                                           "accepted", "accepted", "bonus"]
+    assert [t.text for t in tr.rejected[1]] == [" foo"]
+    stats = tr.stats()
+    assert stats["n_tokens"] == 8 and stats["n_steps"] == 4 and stats["tau"] == 2.0
+    assert stats["accept_rate"] == pytest.approx(4 / 5)
+    assert stats["per_position_accept"] == [1.0, 1.0, 0.0]
+    assert stats["tokens_per_s"] == pytest.approx(8 / 0.4)
+    assert tr.accepted_lengths() == [2, 0, 2] and tr.bonus_counts() == [1, 1, 1]
+    html = tr.html(show_rejected=True)
+    assert html.count("scylla-rejected") == 1 and "line-through" in html
+    assert "&lt;b&gt;" in html and "<b>" not in html      # token text is escaped
+    assert "scylla-rejected" not in tr.html(show_rejected=False)
+    assert "rejected:  foo" in tr.html(show_rejected=False)  # still on hover
+    table = tr.step_table()
+    assert list(table["rejected"]) == ["", " foo", "", ""]
+    assert list(table["accepted"]) == [0, 2, 0, 2]
+
+
+def test_plain_transcript_is_all_target_tokens():
+    tr = live.Transcript(FakeTokenizer(), speculative=False)
+    for s in steps():
+        tr.add(s)
+    assert {t.kind for t in tr.tokens} == {"plain"}
+
+
+def test_rejected_drafts_unknown_when_cut_at_budget():
+    cut = Step(index=1, drafted=[2, 3, 5], accepted=1, bonus=None, emitted=[2])
+    assert live.rejected_drafts(cut) == []
+
+
+def test_escape_text_keeps_markdown_latex_and_html_literal():
+    out = live.escape_text("<script>$x$ *a* _b_ `c`\n\nnext")
+    for bad in ("<script>", "$", "*", "`", "\n"):
+        assert bad not in out
+    assert out.count("<br>") == 2
+    assert "scylla-accepted" in live.token_span("x", "accepted")
+    assert all(k in live.legend_html() for k in ("plain", "accepted", "bonus", "rejected"))
+
+
+def test_race_advances_the_side_with_less_engine_time(monkeypatch):
+    def fake_timed(items):
+        for step, seconds in items:
+            yield step, seconds
+
+    monkeypatch.setattr(live, "timed", fake_timed)
+    plain = [("p0", 1.0), ("p1", 1.0), ("p2", 1.0), ("p3", 1.0)]
+    spec = [("s0", 1.5), ("s1", 2.5)]
+    order = [step for _, step, _ in live.race(plain, spec)]
+    assert order == ["p0", "s0", "p1", "s1", "p2", "p3"]  # clocks: p 1,2,3,4; s 1.5,4
+
+
+def test_timed_measures_each_step():
+    def slow():
+        time.sleep(0.02)
+        yield "a"
+        yield "b"
+
+    out = list(live.timed(slow()))
+    assert [s for s, _ in out] == ["a", "b"] and out[0][1] >= 0.015
+
+
+def test_generation_slot_serialises_sessions():
+    held, release = threading.Event(), threading.Event()
+
+    def other_session():
+        with live.generation_slot():
+            held.set()
+            release.wait(5)
+
+    t = threading.Thread(target=other_session)
+    t.start()
+    held.wait(5)
+    waited = []
+    with pytest.raises(ScyllaError, match="Another session"):
+        with live.generation_slot(timeout_s=0.05, on_wait=lambda: waited.append(1)):
+            pass
+    assert waited == [1]
+    release.set()
+    t.join()
+    with live.generation_slot(timeout_s=1):
+        assert live.GENERATION_LOCK.locked()
+    assert not live.GENERATION_LOCK.locked()
+
+
+class FakeTarget:
+    class model:
+        class config:
+            max_position_embeddings = 20
+
+    class tokenizer:
+        chat_template = None
+
+        def __call__(self, text):
+            return {"input_ids": list(range(len(text.split())))}
+
+    tokenizer = tokenizer()
+
+
+def test_check_prompt_text_messages():
+    with pytest.raises(ScyllaError, match="empty"):
+        live.check_prompt_text("  \n", FakeTarget(), 8)
+    with pytest.raises(ScyllaError, match="too long"):
+        live.check_prompt_text("a" * (live.MAX_PROMPT_CHARS + 1), FakeTarget(), 8)
+    with pytest.raises(ScyllaError, match="context of 20"):
+        live.check_prompt_text("one two three four five", FakeTarget(), 16)
+    assert live.check_prompt_text("one two three", FakeTarget(), 8) == [0, 1, 2]
+
+
+def test_load_live_draft_explains_and_suggests_ngram(monkeypatch):
+    import scylla.drafts
+
+    def boom(spec, target):
+        raise FileNotFoundError("assets/drafts/scylla/model.safetensors")
+
+    monkeypatch.setattr(scylla.drafts, "make_draft", boom)
+    with pytest.raises(ScyllaError, match="choose 'ngram'"):
+        live.load_live_draft("scylla", None)
+    assert live.draft_spec("layerskip", 6) == "layerskip:6" and live.draft_spec("ngram") == "ngram"
+
+
+def test_example_prompts_by_category():
+    ex = live.example_prompts()
+    assert ex and all(isinstance(v, list) and v and all(isinstance(p, str) and p for p in v)
+                      for v in ex.values())
+
+
+# ---------------------------------------------------------------- studio
+
+def reference() -> pd.DataFrame:
+    with resources.files("scylla").joinpath("reference_results.csv").open() as f:
+        return pd.read_csv(f).rename(columns={"table": "table_name"})
+
+
+def test_reference_points_and_the_published_batch_law():
+    pts = studio.reference_points(reference(), "throughput_ratio_vs_no_spec",
+                                  {"engine_or_device": ["SGLang"], "method": ["EAGLE-3"]})
+    assert len(pts) == 9 and pts["x"].min() == 2 and pts["x"].max() == 64
+    out = studio.law_analysis(pts, extrapolate_to=256, saturating=True)
+    fit = out["fit"]
+    assert fit.slope < 0 and 0.85 < fit.r2 < 0.95          # README's quick check
+    assert list(out["coefficients"]["term"]) == ["slope (per ln x)", "intercept"]
+    assert out["prediction"]["x"].max() == pytest.approx(256)
+    e = out["extrapolation"].iloc[0]
+    assert e["pred_low"] < e["mean"] < e["pred_high"]
+    assert out["shapes"]["verdict"] in ("log-linear", "saturating", "indistinguishable")
+
+
+def test_law_analysis_groups_and_too_few_points():
+    pts = studio.reference_points(reference(), "throughput_ratio_vs_no_spec")
+    out = studio.law_analysis(pts, group_col="method")
+    assert set(out["groups"]["groups"]) == {"EAGLE", "EAGLE-3"}
+    assert set(out["group_fits"]["group"]) == {"EAGLE", "EAGLE-3"}
+    with pytest.raises(ScyllaError, match="at least 3 points"):
+        studio.law_analysis(pd.DataFrame({"x": [1.0, 2.0], "y": [1.0, 2.0]}))
+    with pytest.raises(ScyllaError):
+        studio.law_analysis(pd.DataFrame({"x": [4.0] * 5, "y": [1.0, 2, 3, 4, 5]}))
+
+
+def test_reference_overlay_only_where_it_fits():
+    ref = reference()
+    assert studio.reference_overlay(ref, "tokens", "tau") is None
+    over = studio.reference_overlay(ref, "batch", "speedup", {"method": ["EAGLE-3"]})
+    assert len(over) == 17 and set(over.columns) >= {"x", "y", "label"}
+
+
+def test_filters():
+    df = pd.DataFrame({"a": [1, 2, 2, None], "b": ["x", "x", "x", "x"]})
+    assert studio.filter_options(df, ["a", "b", "c"]) == {"a": [1.0, 2.0]}
+    assert len(studio.apply_filters(df, {"a": [2]})) == 2
+    assert len(studio.apply_filters(df, {"a": []})) == 4
+
+
+def test_log_tail_and_progress(tmp_path):
+    log = tmp_path / "sweep.log"
+    log.write_text("start\nrun 1/4 ok\n 40%|####  | 2/5 [00:01<00:02]\r 60%|###### | 3/5 [00:02<00:01]")
+    tail = studio.read_log_tail(log, lines=2)
+    assert tail.splitlines()[-1].strip().startswith("60%")
+    assert studio.parse_progress(tail) == pytest.approx(0.6)
+    assert studio.parse_progress("nothing here") is None
+    assert studio.read_log_tail(tmp_path / "missing.log") == ""
+
+
+def test_start_sweep_runs_in_background_and_reports(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCYLLA_RUNS_DIR", str(tmp_path))
+    monkeypatch.setattr(studio, "sweep_available", lambda: (True, ""))
+    script = "import time; print('run 1/2', flush=True); time.sleep(0.3); print('run 2/2')"
+    monkeypatch.setattr(studio, "sweep_command", lambda config, db=None: [sys.executable, "-c", script])
+    with pytest.raises(ScyllaError, match="not valid JSON"):
+        studio.start_sweep("{not json")
+    folder = studio.start_sweep(json.dumps({"drafts": ["ngram"]}))
+    assert studio.list_sweeps() == [folder]
+    assert studio.sweep_status(folder)["state"] in ("running", "finished")
+    with pytest.raises(ScyllaError, match="already running"):
+        studio.start_sweep("{}")
+    deadline = time.time() + 20
+    while not (folder / "rc").is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    status = studio.sweep_status(folder)
+    assert status["state"] == "finished" and status["rc"] == 0
+    assert status["progress"] == 1.0 and "run 2/2" in status["log"]
+
+
+def test_sweep_unavailable_is_a_message(monkeypatch):
+    monkeypatch.setattr(studio, "sweep_available", lambda: (False, "Sweeps need scylla/sweep.py"))
+    with pytest.raises(ScyllaError, match="sweep.py"):
+        studio.start_sweep("{}")
+
+
+def test_default_draft_is_scylla_only_when_present(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCYLLA_CACHE", str(tmp_path))
+    shipped = live.Path(live.__file__).resolve().parent.parent / "assets" / "drafts" / "scylla"
+    expected = "scylla" if (shipped / "config.json").is_file() else "ngram"
+    assert live.default_draft() == expected
+    (tmp_path / "drafts" / "scylla").mkdir(parents=True)
+    (tmp_path / "drafts" / "scylla" / "config.json").write_text("{}")
+    assert live.default_draft() == "scylla"
