@@ -36,13 +36,28 @@ class SweepConfig:
     train: dict = field(default_factory=dict)
 
 
-def load_config(path: str) -> SweepConfig:
+# What the app's sweep form starts from: untrained drafts, a few prompts, quick.
+SMALL_CONFIG = {"name": "small-untrained", "prompts": "assets/eval_prompts.jsonl", "limit": 4,
+                "max_new_tokens": 32, "grid": {"draft": ["ngram"], "k": [3, 6]}}
+
+
+def read_raw_config(path: str) -> dict:
+    """TOML, or JSON when the file ends in .json (the app writes JSON)."""
     try:
-        raw = tomllib.loads(Path(path).read_text())
+        text = Path(path).read_text()
     except FileNotFoundError:
         raise ScyllaError(f"sweep config not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ScyllaError(f"{path}: invalid TOML ({exc})") from None
+    try:
+        raw = json.loads(text) if path.endswith(".json") else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ScyllaError(f"{path}: invalid config ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ScyllaError(f"{path}: the config must be a table/object")
+    return raw
+
+
+def load_config(path: str) -> SweepConfig:
+    raw = read_raw_config(path)
     unknown = set(raw) - TOP_KEYS
     if unknown:
         raise ScyllaError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
