@@ -176,7 +176,7 @@ def ensure_draft(cfg: SweepConfig, point: dict, target) -> tuple[Path, dict | No
     t = cfg.train
     tcfg = TrainConfig(tokens=point["tokens"], layers=point["layers"], fusion=t.get("fusion", "multi"),
                        draft_vocab=t.get("draft_vocab", 8192), ttt_steps=t.get("ttt", 3),
-                       seed=t.get("seed", 0), lr=t.get("lr", 5e-4), kind="scylla-sweep")
+                       seed=t.get("seed", 0), lr=t.get("lr", 1e-3), kind="scylla-sweep")
     seqs = load_feature_sequences(ensure_features(target, t.get("corpus", "mix")))
     record = train_head(target, seqs, tcfg, folder, target.name)
     record.update({"target": target.name, "corpus": t.get("corpus", "mix"),

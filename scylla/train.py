@@ -36,8 +36,8 @@ class TrainConfig:
     fusion: str = "multi"
     draft_vocab: int = 8192
     ttt_steps: int = 3
-    lr: float = 5e-4
-    batch_seqs: int = 8
+    lr: float = 1e-3
+    batch_seqs: int = 4
     max_len: int = 384
     seed: int = 0
     init_from_target: bool = True
@@ -238,8 +238,7 @@ def train_head(target, seqs: list[dict], cfg: TrainConfig, out_dir: Path, target
         t2d = torch.full((target.model.config.vocab_size,), -100, dtype=torch.long)
         t2d[vocab_ids] = torch.arange(len(vocab_ids))
     optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    n_steps = math.ceil(cfg.tokens / (cfg.batch_seqs * 200))  # rough, for the schedule only
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / max(n_steps, 1)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, train_seqs))
     head, optimizer = accelerator.prepare(head, optimizer)
     ckpt = out_dir / "ckpt"
     state = load_checkpoint(ckpt, accelerator.unwrap_model(head), optimizer) or {"step": 0, "seen": 0}
@@ -270,6 +269,14 @@ def train_head(target, seqs: list[dict], cfg: TrainConfig, out_dir: Path, target
     return record
 
 
+def lr_lambda(cfg: TrainConfig, seqs: list[dict]):
+    """Linear warm-up over the first 5% of steps, then linear decay to 10%."""
+    mean_len = sum(min(len(s["tokens"]), cfg.max_len) - 1 for s in seqs) / len(seqs)
+    n_steps = max(1, math.ceil(cfg.tokens / (cfg.batch_seqs * mean_len)))
+    warm = max(1, n_steps // 20)
+    return lambda s: min(1.0, (s + 1) / warm) * max(0.1, 1 - s / n_steps)
+
+
 def run_batch(items, head, optimizer, schedule, accelerator, t2d, cfg, cols, seen, step, state, bar):
     positions = sum(len(x["tokens"]) - 1 for x in items)
     if seen + positions <= state["seen"]:  # resuming: skip what the checkpoint already saw
@@ -281,7 +288,7 @@ def run_batch(items, head, optimizer, schedule, accelerator, t2d, cfg, cols, see
     accelerator.clip_grad_norm_(head.parameters(), 1.0)
     optimizer.step()
     schedule.step()
-    state["loss"] = round(float(loss), 4)
+    state["loss"] = round(loss.item(), 4)
     bar.update(positions)
     bar.set_postfix(loss=f"{float(loss):.3f}", top1=f"{acc:.2f}")
     return seen + positions, step + 1
