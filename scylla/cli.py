@@ -13,6 +13,13 @@ from pathlib import Path
 from scylla import ScyllaError
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors on one line (the full usage stays behind --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -36,8 +43,8 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scylla", description="Speculative decoding and draft scaling laws")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="scylla", description="Speculative decoding and draft scaling laws")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     g = sub.add_parser("generate", help="decode one prompt with speculation; print text and per-step acceptance")
     g.add_argument("prompt")

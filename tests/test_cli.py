@@ -1,0 +1,86 @@
+"""The CLI contracts: one-line errors for bad input, and `scylla bench` JSON on the real target."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from scylla.cli import main
+from scylla.decoding import generate_ids
+from scylla.drafts import make_draft
+from scylla.models import encode_prompt
+
+BENCH_KEYS = {"n_prompts", "tau", "accept_rate", "per_position_accept", "tokens_per_s", "baseline_tokens_per_s",
+              "speedup", "exact_match_rate", "by_category", "target", "draft", "device", "batch_size", "temperature"}
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["bench", "--prompts", "missing.jsonl", "--json", "o.json"], "not found"),
+    (["bench", "--prompts", "assets/eval_prompts.jsonl", "--json", "o.json", "--max-new-tokens", "0"], "max_new_tokens"),
+    (["bench", "--prompts", "assets/eval_prompts.jsonl", "--json", "o.json", "--temperature", "-1"], "temperature"),
+    (["bench", "--prompts", "assets/eval_prompts.jsonl", "--json", "o.json", "--top-p", "1.5"], "top_p"),
+    (["bench", "--prompts", "assets/eval_prompts.jsonl", "--json", "o.json", "--draft", "magic"], "unknown --draft"),
+    (["generate", "   ", "--draft", "ngram"], "empty prompt"),
+    (["sweep", "missing.toml"], "not found"),
+    (["fit", "--csv", "missing.csv", "--x", "a", "--y", "b"], ""),
+])
+def test_bad_input_gives_one_line_and_exit_2(args, needle, capsys):
+    code, err = run_cli(args, capsys)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("scylla: error:")
+    assert needle in err[0]
+
+
+def test_malformed_jsonl_line_is_named(tmp_path, capsys):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "hi"}\n{not json}\n')
+    code, err = run_cli(["bench", "--prompts", str(bad), "--json", str(tmp_path / "o.json")], capsys)
+    assert code == 2 and ":2:" in err[0] and "malformed" in err[0]
+
+
+def test_wrong_flag_is_a_usage_error_not_a_traceback():
+    proc = subprocess.run([sys.executable, "-m", "scylla.cli", "bench", "--prompts", "p.jsonl", "--json", "o.json", "--bogus"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "unrecognized arguments" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.real
+def test_bench_json_contract_on_the_real_target(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"turns": ["Translate to French: good morning"], "category": "translation", "question_id": "a"}\n'
+                       '{"prompt": "Summarize: the cat sat on the mat. The cat sat on the mat.", "category": "sum"}\n')
+    out = tmp_path / "o.json"
+    code = main(["bench", "--prompts", str(prompts), "--max-new-tokens", "8", "--draft", "ngram", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert BENCH_KEYS <= set(report)
+    assert report["n_prompts"] == 2 and set(report["by_category"]) == {"translation", "sum"}
+    assert report["exact_match_rate"] == 1.0
+    assert report["tau"] >= 1.0 and report["speedup"] > 0
+    code = main(["bench", "--prompts", str(prompts), "--limit", "1", "--max-new-tokens", "6", "--draft", "ngram",
+                 "--temperature", "1.0", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert code == 0 and report["exact_match_rate"] is None and report["temperature"] == 1.0
+
+
+@pytest.mark.real
+def test_real_target_greedy_equality_with_ngram_and_layerskip(real_target):
+    prompts = ["Summarize: The quick brown fox jumps over the lazy dog. The dog slept under the tree.",
+               "Write a Python function that adds two numbers."]
+    for text in prompts:
+        ids = encode_prompt(real_target, text)
+        base = real_target.model.generate(input_ids=torch.tensor([ids]), max_new_tokens=24, do_sample=False)
+        want = base[0, len(ids):].tolist()
+        for spec in ("ngram", "layerskip:20"):
+            got, _ = generate_ids(real_target, make_draft(spec, real_target), ids, max_new_tokens=24, k=5)
+            assert got == want[:len(got)] and len(got) == len(want), spec
