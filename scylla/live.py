@@ -28,33 +28,6 @@ MAX_PROMPT_CHARS = 4000
 LIVE_DRAFTS = ("scylla", "eagle3-style", "eagle2-style", "ngram", "layerskip")
 QUANTS = ("none", "int8", "nf4")
 
-# Used until scylla.data.eval_prompts() exists (or when it fails).
-EXAMPLE_PROMPTS: dict[str, list[str]] = {
-    "summarization": [
-        "Summarize in two sentences: The city council met on Tuesday to discuss the new bike "
-        "lanes. After two hours of debate, the council voted 7 to 2 to build bike lanes on Main "
-        "Street and Oak Avenue, starting next spring. Shop owners on Main Street worried about "
-        "parking; the council promised 40 new parking spaces behind the library.",
-    ],
-    "qa": [
-        "Read the text and answer the question. Text: The Amazon river is about 6,400 km long and "
-        "flows through Peru, Colombia and Brazil into the Atlantic Ocean. Question: Through which "
-        "countries does the Amazon river flow?",
-    ],
-    "coding": [
-        "Write a Python function that returns the n-th Fibonacci number iteratively.",
-    ],
-    "math": [
-        "A shop sells pencils at 3 for 2 dollars. How much do 12 pencils cost? Explain step by step.",
-    ],
-    "writing": [
-        "Write a short friendly email inviting a colleague to a team lunch on Friday.",
-    ],
-    "translation": [
-        "Translate to French: The weather is nice today and I would like to go for a walk.",
-    ],
-}
-
 _LOADED: dict = {"targets": {}, "drafts": []}
 _LOADED_LOCK = threading.Lock()
 
@@ -62,21 +35,15 @@ _LOADED_LOCK = threading.Lock()
 # ---------------------------------------------------------------- prompts
 
 def example_prompts(per_category: int = 3) -> dict[str, list[str]]:
-    """Example prompts by category: the project's eval prompts when available."""
-    try:
-        from scylla.data import eval_prompts
+    """Example prompts by category, from the project's evaluation prompts."""
+    from scylla.data import eval_prompts
 
-        grouped: dict[str, list[str]] = {}
-        for row in eval_prompts():
-            text = row.get("prompt") or ""
-            cat = row.get("category") or "other"
-            if text and len(grouped.setdefault(cat, [])) < per_category:
-                grouped[cat].append(text)
-        if grouped:
-            return grouped
-    except Exception:  # noqa: BLE001 - any failure falls back to the built-in examples
-        pass
-    return {k: v[:per_category] for k, v in EXAMPLE_PROMPTS.items()}
+    grouped: dict[str, list[str]] = {}
+    for row in eval_prompts():
+        bucket = grouped.setdefault(row["category"], [])
+        if len(bucket) < per_category:
+            bucket.append(row["prompt"])
+    return grouped
 
 
 def check_prompt_text(text: str, target, max_new_tokens: int) -> list[int]:
