@@ -21,7 +21,7 @@ from tqdm import tqdm
 from scylla import ScyllaError
 
 GRID_KEYS = {"tokens", "layers", "batch", "temperature", "k", "draft"}
-TOP_KEYS = {"name", "prompts", "limit", "max_new_tokens", "seed", "grid", "train"}
+TOP_KEYS = {"name", "target", "prompts", "limit", "max_new_tokens", "seed", "grid", "train"}
 TRAIN_KEYS = {"fusion", "draft_vocab", "ttt", "seed", "corpus", "lr"}
 
 
@@ -34,6 +34,7 @@ class SweepConfig:
     seed: int
     grid: dict
     train: dict = field(default_factory=dict)
+    target: str = "smollm2"
 
 
 # What the app's sweep form starts from: untrained drafts, a few prompts, quick.
@@ -69,7 +70,8 @@ def load_config(path: str) -> SweepConfig:
     cfg = SweepConfig(name=str(raw.get("name", Path(path).stem)),
                       prompts=str(raw.get("prompts", "assets/eval_prompts.jsonl")),
                       limit=int(raw.get("limit", 16)), max_new_tokens=int(raw.get("max_new_tokens", 64)),
-                      seed=int(raw.get("seed", 0)), grid=grid, train=train)
+                      seed=int(raw.get("seed", 0)), grid=grid, train=train,
+                      target=str(raw.get("target", "smollm2")))
     if cfg.limit < 1 or cfg.max_new_tokens < 1:
         raise ScyllaError(f"{path}: limit and max_new_tokens must be >= 1")
     if not Path(cfg.prompts).is_file():
@@ -104,7 +106,10 @@ def grid_points(cfg: SweepConfig) -> list[dict]:
 
 
 def point_id(cfg: SweepConfig, point: dict) -> str:
-    raw = json.dumps([cfg.prompts, cfg.limit, cfg.max_new_tokens, cfg.seed, cfg.train, point], sort_keys=True)
+    ident = [cfg.prompts, cfg.limit, cfg.max_new_tokens, cfg.seed, cfg.train, point]
+    if cfg.target != "smollm2":  # ids of runs on the default target stay as they were
+        ident.append(cfg.target)
+    raw = json.dumps(ident, sort_keys=True)
     return "sweep-" + hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
@@ -139,7 +144,7 @@ def sweep_command(args) -> int:
     from scylla.store import init_db
 
     init_db(args.db)
-    target = load_target()
+    target = load_target(cfg.target)
     for point in tqdm(todo, desc=f"sweep {cfg.name}", unit="point"):
         run_point(cfg, point, target, args.db, args.config)
     return 0

@@ -1,0 +1,87 @@
+"""Sweeps: config errors before any work, and resume after a kill without loss or duplicates."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from scylla import ScyllaError
+from scylla.models import bundled_cache_dir
+from scylla.store import init_db, runs_frame
+from scylla.sweep import grid_points, load_config, point_id
+from tests.conftest import tiny_llama
+
+
+def write(tmp_path, text, name="s.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('bogus = 1\n[grid]\ndraft = ["ngram"]', "unknown key"),
+    ('[grid]\ndraft = []', "non-empty"),
+    ('[grid]\ntokens = [10]', "impossible"),
+    ('[grid]\nlayers = [1]', "needs `tokens`"),
+    ('[grid]\ndraft = ["ngram"]\nbatch = [0]', "impossible"),
+    ('[grid\n', "invalid config"),
+    ('prompts = "nope.jsonl"\n[grid]\ndraft = ["ngram"]', "not found"),
+])
+def test_config_errors_are_reported_before_any_work(tmp_path, text, needle):
+    with pytest.raises(ScyllaError, match=needle):
+        load_config(write(tmp_path, text))
+
+
+def test_grid_and_ids_are_deterministic(tmp_path):
+    cfg = load_config(write(tmp_path, '[grid]\ndraft = ["ngram"]\nk = [2, 4]'))
+    points = grid_points(cfg)
+    assert len(points) == 2 and {p["k"] for p in points} == {2, 4}
+    assert point_id(cfg, points[0]) == point_id(load_config(write(tmp_path, '[grid]\ndraft = ["ngram"]\nk = [2, 4]', "b.toml")), points[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_target_dir(tmp_path_factory):
+    """A tiny random Llama with the bundled tokenizer, saved as a model folder."""
+    folder = tmp_path_factory.mktemp("tiny-target")
+    model = tiny_llama(vocab=49152, hidden=32, layers=2, max_pos=2048, eos=2).float()
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        src = bundled_cache_dir() / name
+        if src.is_file():
+            shutil.copy(src, folder / name)
+    return folder
+
+
+def test_sweep_resumes_after_a_kill_without_loss_or_duplicates(tmp_path, tiny_target_dir):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {w} twice.", "category": c}) + "\n"
+                               for w, c in [("hello", "a"), ("world", "b")]))
+    config = write(tmp_path, f'target = "{tiny_target_dir}"\nprompts = "{prompts}"\nlimit = 2\nmax_new_tokens = 3\n'
+                             '[grid]\ndraft = ["ngram", "layerskip:1"]\nk = [1, 2, 3]\n')
+    db = str(tmp_path / "r.duckdb")
+    init_db(db)
+    cmd = [sys.executable, "-m", "scylla.cli", "sweep", config, "--db", db]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if len(runs_frame(db)) > 0:
+            break
+        time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    first = runs_frame(db)
+    assert 0 < first["id"].str.endswith("-all").sum() < 6  # killed mid-sweep, some points done
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-500:]
+    runs = runs_frame(db)
+    overall = runs[runs["category"] == "all"]
+    assert len(overall) == 6 and runs["id"].is_unique
+    assert set(first["id"]) <= set(runs["id"])  # nothing finished before the kill was lost
+    assert (overall["exact_match_rate"] == 1.0).all()
