@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="output folder (default: cache/drafts/NAME)")
     t.add_argument("--db", help="store the training record in this results.duckdb")
 
+    e = sub.add_parser("export-draft", help="copy a trained draft (float16) into assets/drafts/NAME")
+    e.add_argument("src")
+    e.add_argument("--name", required=True)
+
     f = sub.add_parser("fit", help="fit metric = intercept + slope * ln(x) by OLS")
     f.add_argument("--db")
     f.add_argument("--axis", choices=["tokens", "layers", "batch"])
@@ -169,6 +173,14 @@ def cmd_train_draft(args) -> int:
     return 0
 
 
+def cmd_export_draft(args) -> int:
+    from scylla.head import export_head, shipped_dir
+
+    export_head(Path(args.src), shipped_dir() / args.name)
+    print(shipped_dir() / args.name)
+    return 0
+
+
 def cmd_fit(args) -> int:
     from scylla.laws import fit_command
 
@@ -196,7 +208,7 @@ def write_json(path: str, obj: dict) -> None:
 
 
 COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "build-corpus": cmd_build_corpus,
-            "train-draft": cmd_train_draft, "fit": cmd_fit, "sweep": cmd_sweep}
+            "train-draft": cmd_train_draft, "export-draft": cmd_export_draft, "fit": cmd_fit, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

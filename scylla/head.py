@@ -157,6 +157,20 @@ def load_head(folder: Path, target_model) -> FeatureHead:
     return head.to(device=ref.device, dtype=ref.dtype).eval()
 
 
+def export_head(src: Path, dst: Path) -> None:
+    """Copy a trained draft in float16 (half the bytes; loading casts back to the target dtype)."""
+    cfg = read_config(src)
+    state = load_file(str(Path(src) / WEIGHTS))
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(half, str(dst / WEIGHTS))
+    (dst / CONFIG).write_text(json.dumps(asdict(cfg), indent=2))
+    for extra in ("training.json",):
+        if (Path(src) / extra).is_file():
+            (dst / extra).write_text((Path(src) / extra).read_text())
+
+
 def shipped_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "drafts"
 

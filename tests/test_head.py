@@ -9,7 +9,7 @@ import torch
 from scylla import ScyllaError
 from scylla.data import features_of
 from scylla.decoding import generate_ids
-from scylla.head import HeadDraft, load_head, save_head
+from scylla.head import HeadDraft, export_head, load_head, save_head
 from scylla.train import (TrainConfig, check_train_config, collate, draft_vocab_map, feature_columns,
                           head_loss, last_columns, make_head, stored_layers, token_stream, train_head)
 from tests.conftest import tiny_target
@@ -69,6 +69,11 @@ def test_train_save_load_and_decode_exactly(tmp_path):
     got, steps = generate_ids(target, HeadDraft(head, "tiny"), prompt, max_new_tokens=25, k=4)
     assert got == want
     assert all(len(s.drafted) <= 4 for s in steps)
+    export_head(tmp_path / "d", tmp_path / "half")  # the shipped form: float16 weights
+    half = load_head(tmp_path / "half", target.model)
+    assert half.fc.weight.dtype == target.model.dtype
+    got_half, _ = generate_ids(target, HeadDraft(half, "half"), prompt, max_new_tokens=25, k=4)
+    assert got_half == want
 
 
 def test_training_is_deterministic_for_a_seed(tmp_path):
