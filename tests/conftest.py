@@ -122,8 +122,11 @@ def streamlit_server(e2e_db, tmp_path_factory):
 @pytest.fixture(scope="session")
 def chromium():
     if not os.path.exists(CHROMIUM):
+        # CI installs Chromium, so there a missing browser is a failure, not a skip
+        if os.environ.get("SCYLLA_STRICT"):
+            pytest.fail(f"{CHROMIUM} is missing (apt-get install -y chromium)")
         pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         yield browser

@@ -89,11 +89,10 @@ def tiny_target_dir(tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from scylla.models import bundled_cache_dir
 
-    src = bundled_cache_dir()
-    if not (src / "tokenizer.json").is_file():
-        pytest.skip("the SmolLM2 tokenizer is not cached (run the app once to create it)")
+    from scylla.models import ensure_bundled_cached
+
+    src = ensure_bundled_cached()  # setup.sh has done it; otherwise this caches it now
     out = tmp_path_factory.mktemp("tiny-target")
     tok = AutoTokenizer.from_pretrained(src)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
