@@ -89,7 +89,6 @@ def tiny_target_dir(tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-
     from scylla.models import ensure_bundled_cached
 
     src = ensure_bundled_cached()  # setup.sh has done it; otherwise this caches it now
