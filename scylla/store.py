@@ -392,16 +392,29 @@ def table_columns(con, table: str) -> dict[str, str]:
     return dict(rows)
 
 
+# Fixed statements; the only text ever appended is _where's clause (catalog-checked,
+# quoted column names and ? placeholders), and every value is bound.
+_SELECT_RUNS = ("SELECT * FROM runs", " ORDER BY created_at, id")
+_SELECT_REFERENCE = ("SELECT * FROM reference", "")
+_COUNT_ROWS = {t: "SELECT count(*) FROM " + t for t in TABLES}
+_AXIS_VALUES = {a: "SELECT DISTINCT " + a + " FROM runs WHERE " + a + " IS NOT NULL ORDER BY 1" for a in AXES}
+_METRIC_COUNTS = {m: "SELECT count(" + m + ") FROM runs" for m in METRICS}
+
+
+def _filtered(con, table: str, statement: tuple[str, str], filters: dict | None) -> pd.DataFrame:
+    head, tail = statement
+    where, params = _where(con, table, filters)
+    return con.execute(head + where + tail, params).df()
+
+
 def runs_frame(path, filters: dict | None = None) -> pd.DataFrame:
     with _reading(path) as con:
-        where, params = _where(con, "runs", filters)
-        return con.execute(f"SELECT * FROM runs{where} ORDER BY created_at, id", params).df()
+        return _filtered(con, "runs", _SELECT_RUNS, filters)
 
 
 def reference_frame(path, filters: dict | None = None) -> pd.DataFrame:
     with _reading(path) as con:
-        where, params = _where(con, "reference", filters)
-        return con.execute(f"SELECT * FROM reference{where}", params).df()
+        return _filtered(con, "reference", _SELECT_REFERENCE, filters)
 
 
 def trainings_frame(path) -> pd.DataFrame:
@@ -423,11 +436,9 @@ def predictions_frame(path) -> pd.DataFrame:
 def store_summary(path) -> dict:
     """Row counts per table and the distinct values each axis covers in runs."""
     with _reading(path) as con:
-        counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in TABLES}
-        axes = {a: [v for (v,) in con.execute(
-            f"SELECT DISTINCT {a} FROM runs WHERE {a} IS NOT NULL ORDER BY 1").fetchall()]
-            for a in AXES}
-        metrics = {m: con.execute(f"SELECT count({m}) FROM runs").fetchall()[0][0] for m in METRICS}
+        counts = {t: con.execute(sql).fetchall()[0][0] for t, sql in _COUNT_ROWS.items()}
+        axes = {a: [v for (v,) in con.execute(sql).fetchall()] for a, sql in _AXIS_VALUES.items()}
+        metrics = {m: con.execute(sql).fetchall()[0][0] for m, sql in _METRIC_COUNTS.items()}
         return {"path": str(path), "schema_version": schema_version(con), "counts": counts,
                 "axes": axes, "metric_counts": metrics}
 
