@@ -8,6 +8,7 @@ from norm(max(0, p - q)), and take a bonus token from p when all are accepted.
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Iterator
 
@@ -15,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from scylla import ScyllaError
+from scylla.models import cache_root
 from scylla.trace import Step
 
 
@@ -207,7 +209,7 @@ def speculative_step(target, draft, cache, context, budget, k, temperature, top_
                 p_draft=shown,
                 q_draft=draft_probs_of(q, drafted), draft_ms=(t1 - t0) * 1e3,
                 verify_ms=(t2 - t1) * 1e3, overhead_ms=(t3 - t2) * 1e3,
-                tree_size=len(drafted))
+                tree_size=len(drafted), k=k)
 
 
 def target_probs_of(p, logits, drafted: list[int]) -> list[float]:
@@ -237,3 +239,270 @@ def generate_ids(target, draft, prompt_ids, **kwargs) -> tuple[list[int], list[S
     """Run to completion; return the generated ids and every Step."""
     steps = list(speculative_generate(target, draft, prompt_ids, **kwargs))
     return [t for s in steps for t in s.emitted], steps
+
+
+# ---------------------------------------------------------------- batches (ragged acceptance)
+# B rows share one target forward per step, and each row accepts its own number of tokens.
+# The cache stays one rectangular DynamicCache: after every step the rejected slots are
+# dropped and each row's real slots are packed to the right (left padding), with a per-row
+# `valid` mask passed as the attention mask and explicit per-row positions for RoPE.
+# Finished rows leave the cache, so they stop costing compute.
+
+class RaggedCache:
+    def __init__(self):
+        self.cache = DynamicCache()
+        self.valid: torch.Tensor | None = None  # bool [rows, slots]: is this slot a real token?
+
+    def lengths(self) -> torch.Tensor:
+        return self.valid.sum(1)
+
+    def append(self, block_valid: torch.Tensor, keep_rows: torch.Tensor) -> None:
+        """Mark the slots of the block just verified (True = accepted), drop finished rows
+        and rejected slots, and repack every row's real slots to the right."""
+        valid = block_valid if self.valid is None else torch.cat([self.valid, block_valid], 1)
+        valid = valid[keep_rows]
+        if valid.shape[0] == 0:
+            self.cache, self.valid = DynamicCache(), valid
+            return
+        width = int(valid.sum(1).max())
+        # a stable sort puts each row's invalid slots first, its real slots after, in order
+        order = torch.argsort(valid.to(torch.int8), dim=1, stable=True)[:, -width:]
+        for layer in self.cache.layers:
+            index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            layer.keys = layer.keys[keep_rows].gather(2, index.to(layer.keys.device))
+            layer.values = layer.values[keep_rows].gather(2, index.to(layer.values.device))
+        self.valid = valid.gather(1, order)
+
+
+@torch.inference_mode()
+def ragged_forward(target, ragged: RaggedCache, inputs: list[list[int]], need_hidden: bool):
+    """One target forward over each row's new tokens (right-padded to the widest row)."""
+    width = max(len(x) for x in inputs)
+    ids = torch.full((len(inputs), width), pad_id(target), dtype=torch.long)
+    new = torch.zeros((len(inputs), width), dtype=torch.bool)
+    for b, toks in enumerate(inputs):
+        ids[b, :len(toks)] = torch.tensor(toks)
+        new[b, :len(toks)] = True
+    past = ragged.valid if ragged.valid is not None else torch.zeros((len(inputs), 0), dtype=torch.bool)
+    positions = past.sum(1, keepdim=True) + torch.arange(width)[None]
+    mask = torch.cat([past, new], 1).long()
+    device = target.device
+    out = target.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       position_ids=positions.to(device), cache=ragged.cache, use_cache=True,
+                       output_hidden_states=need_hidden)
+    return out.logits, out.hidden_states if need_hidden else None
+
+
+def pad_id(target) -> int:
+    pad = target.model.generation_config.pad_token_id
+    return int(pad) if pad is not None else 0
+
+
+class BatchRow:
+    """One prompt's state inside a batch."""
+
+    def __init__(self, row: int, prompt_ids: list[int], budget: int, draft):
+        self.row, self.context, self.budget, self.draft = row, list(prompt_ids), budget, draft
+        self.produced, self.done = 0, False
+
+    def take(self, emitted: list[int], eos_ids: list[int], bonus_missing: bool) -> None:
+        self.context += emitted
+        self.produced += len(emitted)
+        self.done = bonus_missing or self.produced >= self.budget or any(t in eos_ids for t in emitted)
+
+
+def check_batch(target, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Refuse the whole batch, naming the row, rather than silently dropping a prompt."""
+    if not prompts:
+        raise ScyllaError("empty batch")
+    for i, ids in enumerate(prompts):
+        try:
+            check_prompt(target, ids, max_new_tokens)
+        except ScyllaError as exc:
+            raise ScyllaError(f"batch row {i}: {exc}") from None
+
+
+def batch_generate(target, draft, prompts: list[list[int]], max_new_tokens: int = 128,
+                   k: int | str = 6, temperature: float = 0.0, top_p: float = 1.0,
+                   seed: int | None = None, kmax: int = 8) -> Iterator[list[Step]]:
+    """Decode B prompts together; yield, per target forward, one Step for each live row.
+
+    k="auto" picks the draft length every step from the measured verification cost of
+    this batch size on this machine and the acceptance seen so far (see DraftBudget)."""
+    check_decode_args(max_new_tokens, temperature, top_p, k if isinstance(k, int) else 1)
+    check_batch(target, prompts, max_new_tokens)
+    generator = make_generator(seed, target.device)
+    eos_ids = target.eos_ids
+    rows = [BatchRow(i, p, max_new_tokens, draft.fork() if draft is not None else None)
+            for i, p in enumerate(prompts)]
+    need_hidden = draft is not None and draft.needs_hidden
+    budget = DraftBudget(target, len(rows), kmax) if k == "auto" else None
+    ragged = RaggedCache()
+    yield batch_prefill(target, ragged, rows, need_hidden, temperature, top_p, generator, eos_ids)
+    index = 1
+    while rows := [r for r in rows if not r.done]:
+        step_k = budget.choose(len(rows)) if budget else k
+        steps = batch_step(target, ragged, rows, step_k, need_hidden, temperature, top_p,
+                           generator, eos_ids, index)
+        if budget:
+            budget.record(steps)
+        index += 1
+        yield steps
+
+
+def batch_prefill(target, ragged, rows, need_hidden, temperature, top_p, generator, eos_ids) -> list[Step]:
+    start = time.perf_counter()
+    logits, hidden = ragged_forward(target, ragged, [r.context for r in rows], need_hidden)
+    verify_ms = (time.perf_counter() - start) * 1e3
+    steps, block = [], torch.zeros(logits.shape[:2], dtype=torch.bool)
+    for b, row in enumerate(rows):
+        n = len(row.context)
+        block[b, :n] = True
+        if row.draft is not None:
+            row.draft.reset()
+            row.draft.observe(row.context, row_hidden(hidden, b, n))
+        last = logits[b, n - 1]
+        first = int(last.argmax()) if temperature <= 0 else sample(
+            logits_to_probs(last[None], temperature, top_p)[0], generator)
+        emitted, _ = emit([first], eos_ids, row.budget)
+        row.take(emitted, eos_ids, False)
+        steps.append(Step(index=0, drafted=[], accepted=0, bonus=first, emitted=emitted,
+                          verify_ms=verify_ms, row=row.row))
+    ragged.append(block, keep_rows_of(rows))
+    return steps
+
+
+def keep_rows_of(rows) -> torch.Tensor:
+    return torch.tensor([b for b, r in enumerate(rows) if not r.done], dtype=torch.long)
+
+
+def row_hidden(hidden, b: int, n: int):
+    if hidden is None:
+        return None
+    return tuple(h[b:b + 1, :n] for h in hidden)
+
+
+def batch_step(target, ragged, rows, k, need_hidden, temperature, top_p, generator, eos_ids,
+               index) -> list[Step]:
+    """One draft -> verify -> accept cycle for every live row, with one target forward."""
+    proposals, draft_ms = [], []
+    for row in rows:
+        t0 = time.perf_counter()
+        row_k = min(k, row.budget - row.produced - 1)
+        drafted, q = ([], None)
+        if row.draft is not None and row_k > 0:
+            drafted, q = row.draft.propose(row.context, row_k, temperature, top_p, generator)
+        proposals.append((drafted, q))
+        draft_ms.append((time.perf_counter() - t0) * 1e3)
+    t1 = time.perf_counter()
+    logits, hidden = ragged_forward(target, ragged, [[r.context[-1]] + d for r, (d, _) in zip(rows, proposals)],
+                                    need_hidden)
+    verify_ms = (time.perf_counter() - t1) * 1e3
+    block = torch.zeros(logits.shape[:2], dtype=torch.bool)
+    steps = []
+    for b, (row, (drafted, q)) in enumerate(zip(rows, proposals)):
+        t2 = time.perf_counter()
+        row_logits = logits[b, :len(drafted) + 1]
+        p = logits_to_probs(row_logits, temperature, top_p) if temperature > 0 else None
+        n, bonus = (accept_greedy(drafted, row_logits) if temperature <= 0
+                    else accept_sampling(drafted, q, p, generator))
+        block[b, :n + 1] = True
+        if row.draft is not None:
+            row.draft.observe([row.context[-1]] + drafted[:n], row_hidden(hidden, b, n + 1))
+        emitted, _ = emit(drafted[:n] + [bonus], eos_ids, row.budget - row.produced)
+        row.take(emitted, eos_ids, len(emitted) < n + 1)
+        steps.append(Step(index=index, drafted=drafted, accepted=min(n, len(emitted)),
+                          bonus=bonus if len(emitted) == n + 1 else None, emitted=emitted,
+                          p_draft=target_probs_of(p, row_logits, drafted),
+                          q_draft=draft_probs_of(q, drafted), draft_ms=draft_ms[b],
+                          verify_ms=verify_ms, overhead_ms=(time.perf_counter() - t2) * 1e3,
+                          row=row.row, tree_size=len(drafted), k=k))
+    ragged.append(block, keep_rows_of(rows))
+    return steps
+
+
+def batch_generate_ids(target, draft, prompts, **kwargs) -> tuple[list[list[int]], list[list[Step]]]:
+    """Run a batch to completion; per row, the generated ids and its Steps."""
+    ids = [[] for _ in prompts]
+    steps = [[] for _ in prompts]
+    for forward in batch_generate(target, draft, prompts, **kwargs):
+        for s in forward:
+            ids[s.row] += s.emitted
+            steps[s.row].append(s)
+    return ids, steps
+
+
+# ---------------------------------------------------------------- batch-aware draft budget
+
+class DraftBudget:
+    """Choose the draft length per step for a batch: wider verification costs more as the
+    batch grows, so weigh the measured cost of verifying k+1 tokens per row at this batch
+    size (calibrated once per machine and cached) against the acceptance seen so far."""
+
+    def __init__(self, target, batch: int, kmax: int = 8):
+        self.costs = verify_costs(target, batch, kmax)
+        self.drafted = self.accepted = 0
+        self.draft_ms = 0.0
+        self.steps = 0
+
+    def choose(self, live_rows: int) -> int:
+        alpha = (self.accepted + 1) / (self.drafted + 2)  # Laplace prior: 0.5 before any data
+        ms_per_token = self.draft_ms / self.drafted if self.drafted else 0.0
+        k = best_draft_length(alpha, self.costs, ms_per_token * live_rows)
+        self.steps += 1
+        if k == 0 and self.steps % 16 == 0:
+            k = 1  # keep probing, or a bad start would switch drafting off for good
+        return k
+
+    def record(self, steps: list[Step]) -> None:
+        for s in steps:
+            self.drafted += len(s.drafted)
+            self.accepted += s.accepted
+            self.draft_ms += s.draft_ms if s.drafted else 0.0
+
+
+def best_draft_length(alpha: float, verify_ms: list[float], draft_ms_per_k: float) -> int:
+    """argmax_k E[tokens per row]/time, E = 1 + a + ... + a^k for a chain with per-token
+    acceptance a; verify_ms[k] is one forward of k+1 tokens per row. k=0 is plain decoding."""
+    def rate(k):
+        expected = sum(alpha ** i for i in range(k + 1))
+        return expected / (verify_ms[k] + k * draft_ms_per_k)
+    return max(range(len(verify_ms)), key=rate)
+
+
+_COSTS: dict[str, list[float]] = {}
+
+
+def verify_costs(target, batch: int, kmax: int, context: int = 128, repeats: int = 3) -> list[float]:
+    """Median ms of one target forward of w = 1..kmax+1 tokens per row at this batch size,
+    over a cache of `context` tokens; cached in memory and in the cache folder's calibration.json."""
+    key = f"{target.name}|{target.quant}|{target.device}|{torch.get_num_threads()}t|B{batch}|ctx{context}"
+    path = cache_root() / "calibration.json"
+    if key not in _COSTS:
+        stored = json.loads(path.read_text()) if path.is_file() else {}
+        if len(stored.get(key, [])) < kmax + 1:
+            stored[key] = measure_verify_costs(target, batch, kmax, context, repeats)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(stored, indent=1))
+        _COSTS[key] = stored[key]
+    return _COSTS[key][:kmax + 1]
+
+
+@torch.inference_mode()
+def measure_verify_costs(target, batch, kmax, context, repeats) -> list[float]:
+    vocab = target.model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    cache = DynamicCache()
+    prompt = torch.randint(3, vocab, (batch, context), generator=gen).to(target.device)
+    target.model(input_ids=prompt, cache=cache, use_cache=True)
+    costs = []
+    for width in range(1, kmax + 2):
+        ids = torch.randint(3, vocab, (batch, width), generator=gen).to(target.device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            target.model(input_ids=ids, cache=cache, use_cache=True)
+            times.append((time.perf_counter() - start) * 1e3)
+            cache.crop(-width)
+        costs.append(sorted(times)[len(times) // 2])
+    return costs

@@ -26,6 +26,12 @@ class Draft:
     def reset(self) -> None:
         """Forget the previous sequence."""
 
+    def fork(self) -> "Draft":
+        """A twin with its own sequence state and shared weights (one per batch row)."""
+        twin = copy.copy(self)
+        twin.reset()
+        return twin
+
     def observe(self, tokens: list[int], hidden) -> None:
         """The target has now processed `tokens` (hidden: its hidden states for them)."""
 

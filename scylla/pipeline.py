@@ -74,5 +74,6 @@ def train_draft_from_args(args) -> dict:
     record["corpus"] = args.corpus
     if args.db:
         from scylla.store import insert_training
-        insert_training(args.db, {**record, "target": target.name, "command": "scylla train-draft"})
+        row = {k: v for k, v in record.items() if k != "unique_tokens"}  # a log figure, not a column
+        insert_training(args.db, {**row, "target": target.name, "command": "scylla train-draft"})
     return record

@@ -20,6 +20,7 @@ class Step:
     overhead_ms: float = 0.0    # engine bookkeeping: everything but the two forwards
     row: int = 0                # batch row this step belongs to
     tree_size: int = 0          # nodes verified (chain: len(drafted proposals))
+    k: int = 0                  # draft length allowed this step (batch-aware budget)
 
     def to_dict(self) -> dict:
         return asdict(self)

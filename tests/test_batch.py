@@ -1,0 +1,129 @@
+"""Batched speculative decoding on a tiny random Llama: each row is what it is decoded alone."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from scylla import ScyllaError
+from scylla.decoding import (RaggedCache, batch_generate, batch_generate_ids, best_draft_length,
+                             generate_ids)
+from scylla.drafts import LayerSkipDraft, NgramDraft
+from scylla.head import HeadDraft, save_head, load_head
+from scylla.train import make_head
+from tests.conftest import tiny_target
+from tests.test_engine import RandomDraft, exact_joint_23, one_thread, plain_greedy, random_prompt  # noqa: F401
+from tests.test_head import tiny_cfg
+
+
+def mixed_prompts(seed, n, longest=40):
+    rng = random.Random(seed)
+    return [random_prompt(rng, rng.randrange(1, longest)) for _ in range(n)]
+
+
+def head_draft(target, tmp_path):
+    save_head(make_head(target.model, tiny_cfg(), None, "tiny"), tmp_path / "head")
+    return HeadDraft(load_head(tmp_path / "head", target.model), "tiny")
+
+
+@pytest.mark.parametrize("kind", ["none", "ngram", "random", "layerskip", "head"])
+@pytest.mark.parametrize("k", [1, 3, "auto"])
+def test_every_row_equals_its_plain_greedy_decoding(kind, k, tmp_path):
+    target = tiny_target()
+    drafts = {"none": None, "ngram": NgramDraft(), "random": RandomDraft(96, seed=3),
+              "layerskip": LayerSkipDraft(target, 2)}
+    draft = head_draft(target, tmp_path) if kind == "head" else drafts[kind]
+    prompts = mixed_prompts(seed=len(kind), n=5)
+    got, steps = batch_generate_ids(target, draft, prompts, max_new_tokens=24, k=k)
+    for prompt, row, row_steps in zip(prompts, got, steps):
+        assert row == plain_greedy(target, prompt, 24)
+        assert all(len(s.drafted) <= (s.k if k == "auto" else k) for s in row_steps)
+
+
+def test_rows_stop_at_their_own_eos_and_leave_the_batch():
+    probe = tiny_target()
+    prompts = mixed_prompts(seed=11, n=6)
+    outputs = [plain_greedy(probe, p, 30) for p in prompts]
+    # an EOS that one row emits early and at least one other row never emits
+    eos = next(t for t in outputs[0][2:10] if any(t not in o for o in outputs[1:]))
+    target = tiny_target(eos=eos)
+    got, steps = batch_generate_ids(target, RandomDraft(96, seed=1), prompts, max_new_tokens=30, k=3)
+    lengths = set()
+    for prompt, row in zip(prompts, got):
+        assert row == plain_greedy(target, prompt, 30)
+        lengths.add(len(row))
+    assert len(lengths) > 1
+    # a finished row gets no more steps: its last step is the one that emitted EOS or hit the budget
+    for row_steps in steps:
+        assert sum(eos in s.emitted for s in row_steps) <= 1
+    forwards = list(batch_generate(target, NgramDraft(), prompts, max_new_tokens=30, k=3))
+    assert len(forwards[-1]) < len(prompts)
+
+
+def test_batch_of_one_is_the_single_prompt_engine():
+    target = tiny_target()
+    prompt = mixed_prompts(seed=5, n=1)[0]
+    draft = LayerSkipDraft(target, 1)
+    single, single_steps = generate_ids(target, draft, prompt, max_new_tokens=20, k=4)
+    (batched,), (batched_steps,) = batch_generate_ids(target, draft, [prompt], max_new_tokens=20, k=4)
+    assert batched == single
+    assert [s.accepted for s in batched_steps] == [s.accepted for s in single_steps]
+
+
+@pytest.mark.parametrize("bad_row,prompt", [(2, []), (1, list(range(3, 250)))])
+def test_a_bad_row_refuses_the_batch_and_names_it(bad_row, prompt):
+    target = tiny_target()
+    prompts = mixed_prompts(seed=1, n=4)
+    prompts[bad_row] = prompt
+    with pytest.raises(ScyllaError, match=f"batch row {bad_row}"):
+        batch_generate_ids(target, NgramDraft(), prompts, max_new_tokens=20, k=3)
+
+
+def test_ragged_cache_drops_rejected_slots_and_finished_rows():
+    cache = RaggedCache()
+    cache.cache.update(torch.arange(3 * 4.).reshape(3, 1, 4, 1).repeat(1, 1, 1, 2),
+                       torch.zeros(3, 1, 4, 2), 0)
+    block = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    cache.append(block, keep_rows=torch.tensor([0, 1]))
+    assert cache.valid.tolist() == [[True, True], [True, True]]
+    keys = cache.cache.layers[0].keys[:, 0, :, 0]
+    assert keys.tolist() == [[0.0, 1.0], [4.0, 6.0]]  # row 1 kept slots 0 and 2, packed
+    more = torch.tensor([[1, 0], [0, 0]], dtype=torch.bool)
+    cache.cache.update(torch.full((2, 1, 2, 2), 9.0), torch.zeros(2, 1, 2, 2), 0)
+    cache.append(more, keep_rows=torch.tensor([0, 1]))
+    assert cache.valid.tolist() == [[True, True, True], [False, True, True]]  # left padding
+
+
+def test_draft_length_choice_follows_cost_and_acceptance():
+    rising = [10.0, 14.0, 18.0, 22.0, 26.0]
+    assert best_draft_length(0.0, rising, 0.0) == 0      # nothing accepted: do not draft
+    assert best_draft_length(0.95, [10.0] * 5, 0.0) == 4  # free verification: draft the most
+    assert best_draft_length(0.95, [10.0] * 5, 50.0) == 0  # a draft dearer than the target
+    flat_then_steep = [10.0, 10.5, 11.0, 30.0, 50.0]      # compute-bound past 3 tokens per row
+    assert best_draft_length(0.8, flat_then_steep, 0.0) == 2
+
+
+def test_sampling_in_a_batch_is_lossless_per_row(one_thread):
+    """Chi-square of each row's (x2, x3) against its exact distribution, rows of different
+    lengths decoded together (alpha = 0.001 per row, fixed seeds)."""
+    vocab = 6
+    target = tiny_target(vocab=vocab, layers=3, hidden=16, init_range=0.6, eos=99)
+    target.model.generation_config.eos_token_id = None
+    prompts = [[1, 2, 3], [4, 5]]
+    n = 1000
+    counts = [np.zeros((vocab, vocab)) for _ in prompts]
+    draft = LayerSkipDraft(target, 1)
+    for i in range(n):
+        out, _ = batch_generate_ids(target, draft, prompts, max_new_tokens=3, k=2, temperature=1.0, seed=i)
+        for row, ids in enumerate(out):
+            counts[row][ids[1], ids[2]] += 1
+    for row, prompt in enumerate(prompts):
+        expected = exact_joint_23(target, prompt, 1.0).ravel() * n
+        observed = counts[row].ravel()
+        keep = expected >= 5
+        obs = np.append(observed[keep], observed[~keep].sum())
+        exp = np.append(expected[keep], expected[~keep].sum())
+        assert stats.chisquare(obs, exp).pvalue > 0.001
