@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from scylla import ScyllaError
-from scylla.decoding import check_decode_args, generate_ids
+from scylla.decoding import batch_generate_ids, check_decode_args, generate_ids, pad_id
 from scylla.models import encode_prompt
 from scylla.trace import summarize
 
@@ -45,9 +45,12 @@ def run_bench(target, draft, prompts: list[dict], max_new_tokens: int = 128, k: 
               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, draft_spec: str = "none",
               batch_size: int = 1, warmup: bool = True) -> dict:
     check_decode_args(max_new_tokens, temperature, top_p, k)
-    if batch_size != 1:
-        raise ScyllaError("--batch-size > 1 is not implemented yet (see the batching issue); use 1")
+    if batch_size < 1:
+        raise ScyllaError(f"--batch-size must be >= 1, got {batch_size}")
     encoded = [encode_checked(target, p, max_new_tokens) for p in prompts]
+    if batch_size > 1:
+        return run_batched_bench(target, draft, prompts, encoded, max_new_tokens, k, temperature,
+                                 top_p, seed, draft_spec, batch_size, warmup)
     if warmup:  # first calls pay one-off allocation costs; keep them out of both timings
         baseline_generate(target, encoded[0][:32], 4, 0.0, 1.0, None)
         generate_ids(target, draft, encoded[0][:32], max_new_tokens=4, k=k)
@@ -71,14 +74,13 @@ def encode_checked(target, prompt: dict, max_new_tokens: int) -> list[int]:
 
 def bench_report(rows, target, draft_spec, temperature, top_p, batch_size, k, max_new_tokens) -> dict:
     summary = aggregate(rows)
-    by_cat = defaultdict(list)
-    for r in rows:
-        by_cat[r["category"]].append(r)
+    by_cat = group_rows(rows)
     summary["by_category"] = {c: {"n": len(rs), "tau": aggregate(rs)["tau"], "speedup": aggregate(rs)["speedup"],
                                   "accept_rate": aggregate(rs)["accept_rate"]} for c, rs in by_cat.items()}
     summary.update({"n_prompts": len(rows), "target": target.name, "quant": target.quant,
                     "draft": draft_spec, "device": device_name(target), "batch_size": batch_size,
                     "temperature": temperature, "top_p": top_p, "k": k, "shape": f"chain:{k}",
+                    "k_mean": mean_draft_length(rows),
                     "max_new_tokens": max_new_tokens})
     if temperature > 0:
         summary["exact_match_rate"] = None
@@ -105,3 +107,89 @@ def aggregate(rows: list[dict]) -> dict:
             "overhead_share": round(overhead_ms / (spec_s * 1e3), 4),
             "generated_tokens": spec_tokens, "baseline_generated_tokens": base_tokens,
             "wall_s": round(spec_s + base_s, 2)}
+
+
+def mean_draft_length(rows: list[dict]) -> float | None:
+    """The draft length the engine allowed per step (k, or what k=auto chose), on average."""
+    ks = [s.k for r in rows for s in r["steps"] if s.index > 0]
+    return round(sum(ks) / len(ks), 3) if ks else None
+
+
+# ---------------------------------------------------------------- batches
+
+def baseline_generate_batch(target, batch: list[list[int]], max_new_tokens: int, temperature: float,
+                            top_p: float, seed: int | None) -> list[list[int]]:
+    """transformers generate() on the batch, left-padded; each row cut after its first EOS."""
+    width = max(map(len, batch))
+    ids = torch.full((len(batch), width), pad_id(target), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(batch):
+        ids[b, width - len(row):] = torch.tensor(row)
+        mask[b, width - len(row):] = 1
+    kwargs = {"do_sample": False} if temperature <= 0 else {"do_sample": True, "temperature": temperature,
+                                                              "top_p": top_p, "top_k": 0}
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = target.model.generate(input_ids=ids.to(target.device), attention_mask=mask.to(target.device),
+                                    max_new_tokens=max_new_tokens, eos_token_id=target.eos_ids,
+                                    pad_token_id=pad_id(target), **kwargs)
+    return [cut_after_eos(row[width:].tolist(), target.eos_ids) for row in out]
+
+
+def cut_after_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
+    for i, tok in enumerate(tokens):
+        if tok in eos_ids:
+            return tokens[:i + 1]
+    return tokens
+
+
+def run_batched_bench(target, draft, prompts, encoded, max_new_tokens, k, temperature, top_p, seed,
+                      draft_spec, batch_size, warmup) -> dict:
+    """Batches of B prompts, baseline then engine per batch; throughput is generated tokens of
+    all rows over wall time, and tau, acceptance and exact match are per row, then averaged."""
+    chunks = [list(range(i, min(i + batch_size, len(encoded)))) for i in range(0, len(encoded), batch_size)]
+    if warmup:
+        short = [encoded[i][:32] for i in chunks[0]]
+        baseline_generate_batch(target, short, 4, 0.0, 1.0, None)
+        batch_generate_ids(target, draft, short, max_new_tokens=4, k=k)
+    rows = []
+    for c, chunk in enumerate(tqdm(chunks, desc=f"bench B={batch_size}", unit="batch")):
+        batch = [encoded[i] for i in chunk]
+        base, base_s = timed(baseline_generate_batch, target, batch, max_new_tokens, temperature, top_p, seed + c)
+        (spec, steps), spec_s = timed(batch_generate_ids, target, draft, batch, max_new_tokens=max_new_tokens,
+                                      k=k, temperature=temperature, top_p=top_p, seed=seed + c)
+        rows += share_batch_time(prompts, chunk, base, base_s, spec, spec_s, steps)
+    report = bench_report(rows, target, draft_spec, temperature, top_p, batch_size, k, max_new_tokens)
+    report.update(row_averages(rows))
+    for cat, rs in group_rows(rows).items():
+        report["by_category"][cat].update({"tau": row_averages(rs)["tau"]})
+    return report
+
+
+def share_batch_time(prompts, chunk, base, base_s, spec, spec_s, steps) -> list[dict]:
+    """Split a batch's wall times over its rows by generated tokens, so that sums over rows
+    give the batch totals (throughput) and categories get a fair share."""
+    base_total, spec_total = max(sum(map(len, base)), 1), max(sum(map(len, spec)), 1)
+    return [{"category": prompts[i]["category"], "base": base[j], "spec": spec[j], "steps": steps[j],
+             "base_s": base_s * len(base[j]) / base_total, "spec_s": spec_s * len(spec[j]) / spec_total}
+            for j, i in enumerate(chunk)]
+
+
+def group_rows(rows: list[dict]) -> dict[str, list[dict]]:
+    by_cat = defaultdict(list)
+    for r in rows:
+        by_cat[r["category"]].append(r)
+    return by_cat
+
+
+def row_averages(rows: list[dict]) -> dict:
+    per_row = [summarize(r["steps"]) for r in rows]
+    rates = [s.accept_rate for s in per_row if s.accept_rate is not None]
+    depth = max((len(s.per_position_accept) for s in per_row), default=0)
+    positions = [[s.per_position_accept[i] for s in per_row if len(s.per_position_accept) > i]
+                 for i in range(depth)]
+    return {"tau": round(sum(s.tau for s in per_row) / len(per_row), 4),
+            "accept_rate": sum(rates) / len(rates) if rates else None,
+            "per_position_accept": [round(sum(p) / len(p), 4) for p in positions],
+            "averaging": "per row, then mean over rows"}

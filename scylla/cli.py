@@ -30,12 +30,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def draft_length(text: str) -> int | str:
+    return "auto" if text == "auto" else positive_int(text)
+
+
 def add_decode_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="smollm2", help="bundled 'smollm2' or a local transformers model folder")
     p.add_argument("--quant", default="none", choices=["none", "int8", "nf4"])
     p.add_argument("--device", default="auto")
     p.add_argument("--draft", default="ngram", help="none | ngram | layerskip:K | scylla | eagle3-style | eagle2-style | FOLDER")
-    p.add_argument("--k", type=positive_int, default=6, help="draft length (chain)")
+    p.add_argument("--k", type=draft_length, default=6,
+                   help="draft length (chain), or 'auto': chosen per step from measured cost and acceptance")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

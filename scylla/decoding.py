@@ -46,15 +46,15 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
-def check_decode_args(max_new_tokens: int, temperature: float, top_p: float, k: int = 1) -> None:
+def check_decode_args(max_new_tokens: int, temperature: float, top_p: float, k: int | str = 1) -> None:
     if max_new_tokens <= 0:
         raise ScyllaError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     if temperature < 0:
         raise ScyllaError(f"temperature must be >= 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ScyllaError(f"top_p must be in (0, 1], got {top_p}")
-    if k < 1:
-        raise ScyllaError(f"draft length k must be >= 1, got {k}")
+    if k != "auto" and (not isinstance(k, int) or k < 1):
+        raise ScyllaError(f"draft length k must be an integer >= 1 or 'auto', got {k!r}")
 
 
 def check_prompt(target, prompt_ids: list[int], max_new_tokens: int) -> None:
@@ -170,9 +170,13 @@ def speculative_generate(target, draft, prompt_ids: list[int], max_new_tokens: i
     context = list(prompt_ids) + emitted
     produced = len(emitted)
     index = 1
+    budget = DraftBudget(target, 1) if k == "auto" and draft is not None else None
     while not done:
+        step_k = budget.choose(1) if budget else (1 if k == "auto" else k)
         step = speculative_step(target, draft, cache, context, max_new_tokens - produced,
-                                k, temperature, top_p, generator, eos_ids, index)
+                                step_k, temperature, top_p, generator, eos_ids, index)
+        if budget:
+            budget.record([step])
         context += step.emitted
         produced += len(step.emitted)
         done = step.bonus is None or produced >= max_new_tokens or any(t in eos_ids for t in step.emitted)
@@ -329,19 +333,19 @@ def batch_generate(target, draft, prompts: list[list[int]], max_new_tokens: int 
 
     k="auto" picks the draft length every step from the measured verification cost of
     this batch size on this machine and the acceptance seen so far (see DraftBudget)."""
-    check_decode_args(max_new_tokens, temperature, top_p, k if isinstance(k, int) else 1)
+    check_decode_args(max_new_tokens, temperature, top_p, k)
     check_batch(target, prompts, max_new_tokens)
     generator = make_generator(seed, target.device)
     eos_ids = target.eos_ids
     rows = [BatchRow(i, p, max_new_tokens, draft.fork() if draft is not None else None)
             for i, p in enumerate(prompts)]
     need_hidden = draft is not None and draft.needs_hidden
-    budget = DraftBudget(target, len(rows), kmax) if k == "auto" else None
+    budget = DraftBudget(target, len(rows), kmax) if k == "auto" and draft is not None else None
     ragged = RaggedCache()
     yield batch_prefill(target, ragged, rows, need_hidden, temperature, top_p, generator, eos_ids)
     index = 1
     while rows := [r for r in rows if not r.done]:
-        step_k = budget.choose(len(rows)) if budget else k
+        step_k = budget.choose(len(rows)) if budget else (1 if k == "auto" else k)
         steps = batch_step(target, ragged, rows, step_k, need_hidden, temperature, top_p,
                            generator, eos_ids, index)
         if budget:

@@ -87,13 +87,12 @@ def check_grid(grid: dict, path: str) -> None:
         if not isinstance(values, list) or not values:
             raise ScyllaError(f"{path}: [grid] {key} must be a non-empty list")
     checks = {"tokens": lambda v: isinstance(v, int) and v >= 256, "layers": lambda v: isinstance(v, int) and 1 <= v <= 8,
-              "batch": lambda v: v == 1, "temperature": lambda v: isinstance(v, (int, float)) and 0 <= v <= 2,
-              "k": lambda v: isinstance(v, int) and 1 <= v <= 16, "draft": lambda v: isinstance(v, str)}
+              "batch": lambda v: isinstance(v, int) and 1 <= v <= 64, "temperature": lambda v: isinstance(v, (int, float)) and 0 <= v <= 2,
+              "k": lambda v: v == "auto" or (isinstance(v, int) and 1 <= v <= 16), "draft": lambda v: isinstance(v, str)}
     for key, values in grid.items():
         bad = [v for v in values if not checks[key](v)]
         if bad:
-            hint = " (batch > 1 needs the batched engine, not built yet)" if key == "batch" else ""
-            raise ScyllaError(f"{path}: impossible [grid] {key} value(s) {bad}{hint}")
+            raise ScyllaError(f"{path}: impossible [grid] {key} value(s) {bad}")
     if "draft" not in grid and "tokens" not in grid:
         raise ScyllaError(f"{path}: the grid needs `tokens` (trained drafts) or `draft` (untrained kinds)")
 
@@ -195,7 +194,9 @@ def report_rows(cfg: SweepConfig, point: dict, report: dict, spec: str, config_p
 
     base = {"command": f"scylla sweep {config_path}", "device": report["device"], "target": report["target"],
             "quant": report["quant"], "draft": spec, "temperature": point["temperature"], "top_p": 1.0,
-            "shape": report["shape"], "k": point["k"], "batch": point["batch"], "prompt_set": Path(cfg.prompts).name}
+            "shape": report["shape"], "k": point["k"] if point["k"] != "auto" else None,
+            "batch": point["batch"], "prompt_set": Path(cfg.prompts).name,
+            "notes": f"mean draft length per step {report['k_mean']}" if point["k"] == "auto" else None}
     if "tokens" in point and "draft" not in point:
         head = read_config(Path(spec))
         base.update({"draft_kind": "scylla", "layers": head.layers, "fusion": head.fusion,
