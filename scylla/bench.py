@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from scylla import ScyllaError
-from scylla.decoding import batch_generate_ids, check_decode_args, generate_ids, pad_id
+from scylla.decoding import TreeShape, batch_generate_ids, check_decode_args, generate_ids, pad_id
 from scylla.models import encode_prompt
 from scylla.trace import summarize
 
@@ -43,8 +43,11 @@ def device_name(target) -> str:
 
 def run_bench(target, draft, prompts: list[dict], max_new_tokens: int = 128, k: int = 6,
               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, draft_spec: str = "none",
-              batch_size: int = 1, warmup: bool = True) -> dict:
+              batch_size: int = 1, warmup: bool = True, tree=None) -> dict:
     check_decode_args(max_new_tokens, temperature, top_p, k)
+    tree = TreeShape.parse(tree) if isinstance(tree, str) else tree
+    if tree is not None and batch_size > 1:
+        raise ScyllaError("a draft tree runs at batch size 1; batched decoding verifies chains")
     if batch_size < 1:
         raise ScyllaError(f"--batch-size must be >= 1, got {batch_size}")
     encoded = [encode_checked(target, p, max_new_tokens) for p in prompts]
@@ -53,15 +56,23 @@ def run_bench(target, draft, prompts: list[dict], max_new_tokens: int = 128, k: 
                                  top_p, seed, draft_spec, batch_size, warmup)
     if warmup:  # first calls pay one-off allocation costs; keep them out of both timings
         baseline_generate(target, encoded[0][:32], 4, 0.0, 1.0, None)
-        generate_ids(target, draft, encoded[0][:32], max_new_tokens=4, k=k)
+        generate_ids(target, draft, encoded[0][:32], max_new_tokens=4, k=k, tree=tree)
     rows = []
     for i, (p, ids) in enumerate(tqdm(list(zip(prompts, encoded)), desc="bench", unit="prompt")):
         base, base_s = timed(baseline_generate, target, ids, max_new_tokens, temperature, top_p, seed + i)
         (spec, steps), spec_s = timed(generate_ids, target, draft, ids, max_new_tokens=max_new_tokens,
-                                      k=k, temperature=temperature, top_p=top_p, seed=seed + i)
+                                      k=k, temperature=temperature, top_p=top_p, seed=seed + i, tree=tree)
         rows.append({"category": p["category"], "base": base, "base_s": base_s,
                      "spec": spec, "spec_s": spec_s, "steps": steps})
-    return bench_report(rows, target, draft_spec, temperature, top_p, batch_size, k, max_new_tokens)
+    report = bench_report(rows, target, draft_spec, temperature, top_p, batch_size, k, max_new_tokens)
+    if tree is not None:
+        report.update({"shape": str(tree), "k": None, "tree_nodes_mean": mean_tree_size(rows)})
+    return report
+
+
+def mean_tree_size(rows: list[dict]) -> float:
+    sizes = [s.tree_size for r in rows for s in r["steps"] if s.index > 0]
+    return round(sum(sizes) / max(len(sizes), 1), 2)
 
 
 def encode_checked(target, prompt: dict, max_new_tokens: int) -> list[int]:

@@ -41,6 +41,8 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default="ngram", help="none | ngram | layerskip:K | scylla | eagle3-style | eagle2-style | FOLDER")
     p.add_argument("--k", type=draft_length, default=6,
                    help="draft length (chain), or 'auto': chosen per step from measured cost and acceptance")
+    p.add_argument("--tree", default=None, metavar="D,K,N",
+                   help="verify an EAGLE-2 draft tree of depth D, top-K expansion, N nodes (instead of a chain)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -116,7 +118,7 @@ def cmd_generate(args) -> int:
     ids = encode_prompt(target, args.prompt)
     steps = []
     for step in speculative_generate(target, draft, ids, args.max_new_tokens, args.k,
-                                     args.temperature, args.top_p, args.seed):
+                                     args.temperature, args.top_p, args.seed, tree=args.tree):
         steps.append(step)
         text = target.tokenizer.decode(step.emitted)
         print(f"step {step.index:3d}  drafted {len(step.drafted)}  accepted {step.accepted}  "
@@ -141,7 +143,7 @@ def cmd_bench(args) -> int:
     target = load_target(args.target, args.quant, args.device)
     draft = make_draft(args.draft, target)
     report = run_bench(target, draft, prompts, args.max_new_tokens, args.k, args.temperature,
-                       args.top_p, args.seed, args.draft, args.batch_size)
+                       args.top_p, args.seed, args.draft, args.batch_size, tree=args.tree)
     write_json(args.json_out, report)
     print(f"tau {report['tau']:.2f}  speedup {report['speedup']:.2f}x  "
           f"exact_match {report['exact_match_rate']}", file=sys.stderr)
@@ -156,6 +158,12 @@ def check_flags(args) -> None:
 
     check_decode_args(args.max_new_tokens, args.temperature, args.top_p, args.k)
     check_draft_spec(args.draft)
+    if args.tree:
+        from scylla.decoding import TreeShape
+
+        args.tree = TreeShape.parse(args.tree)
+        if getattr(args, "batch_size", 1) > 1:
+            raise ScyllaError("--tree runs at batch size 1; batched decoding verifies chains")
     if args.quant not in QUANTS:
         raise ScyllaError(f"unknown --quant {args.quant!r}")
 

@@ -155,10 +155,13 @@ def plain_generate(target, prompt_ids: list[int], max_new_tokens: int = 128,
 
 
 def speculative_generate(target, draft, prompt_ids: list[int], max_new_tokens: int = 128,
-                         k: int = 6, temperature: float = 0.0, top_p: float = 1.0,
-                         seed: int | None = None) -> Iterator[Step]:
-    """Yield one Step per target forward (the prefill first) as tokens are accepted."""
+                         k: int | str = 6, temperature: float = 0.0, top_p: float = 1.0,
+                         seed: int | None = None, tree: "TreeShape | str | None" = None) -> Iterator[Step]:
+    """Yield one Step per target forward (the prefill first) as tokens are accepted.
+    With `tree` (a TreeShape or 'tree:D,K,N') each step verifies a draft tree instead of a chain."""
     check_decode_args(max_new_tokens, temperature, top_p, k)
+    if isinstance(tree, str):
+        tree = TreeShape.parse(tree)
     check_prompt(target, prompt_ids, max_new_tokens)
     generator = make_generator(seed, target.device)
     eos_ids = target.eos_ids
@@ -170,11 +173,15 @@ def speculative_generate(target, draft, prompt_ids: list[int], max_new_tokens: i
     context = list(prompt_ids) + emitted
     produced = len(emitted)
     index = 1
-    budget = DraftBudget(target, 1) if k == "auto" and draft is not None else None
+    budget = DraftBudget(target, 1) if k == "auto" and draft is not None and tree is None else None
     while not done:
         step_k = budget.choose(1) if budget else (1 if k == "auto" else k)
-        step = speculative_step(target, draft, cache, context, max_new_tokens - produced,
-                                step_k, temperature, top_p, generator, eos_ids, index)
+        if tree is not None:
+            step = tree_step(target, draft, cache, context, max_new_tokens - produced, tree,
+                             temperature, top_p, generator, eos_ids, index)
+        else:
+            step = speculative_step(target, draft, cache, context, max_new_tokens - produced,
+                                    step_k, temperature, top_p, generator, eos_ids, index)
         if budget:
             budget.record([step])
         context += step.emitted
@@ -510,3 +517,157 @@ def measure_verify_costs(target, batch, kmax, context, repeats) -> list[float]:
             cache.crop(-width)
         costs.append(sorted(times)[len(times) // 2])
     return costs
+
+
+# ---------------------------------------------------------------- draft trees (EAGLE-2 style)
+# A tree of draft tokens is verified in one target forward: node i sits at position
+# base + depth(i) and attends to the whole context plus its own ancestors (a tree mask).
+# The longest path the target agrees with is accepted; at T>0 each node's children are
+# tried in turn by recursive rejection (SpecInfer / EAGLE): child x is accepted with
+# probability p(x) under the current residual p, which then drops x, so the emitted
+# token is exactly distributed as p whatever the tree. A chain is the one-child tree.
+
+class TreeShape:
+    """`tree:DEPTH,TOPK,TOTAL`: expand the TOPK best frontier nodes into TOPK children each,
+    for DEPTH levels, then keep the TOTAL nodes with the best cumulative draft log-prob."""
+
+    def __init__(self, depth: int, topk: int, total: int):
+        if not (1 <= depth <= 16 and 1 <= topk <= 16 and 1 <= total <= 128):
+            raise ScyllaError(f"tree shape needs 1<=depth<=16, 1<=topk<=16, 1<=total<=128; "
+                              f"got {depth},{topk},{total}")
+        self.depth, self.topk, self.total = depth, topk, total
+
+    @classmethod
+    def parse(cls, spec: str) -> "TreeShape":
+        body = spec.removeprefix("tree:")
+        parts = body.split(",")
+        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+            raise ScyllaError(f"bad tree shape {spec!r}; use tree:DEPTH,TOPK,TOTAL such as tree:5,4,24")
+        return cls(*(int(p) for p in parts))
+
+    def __str__(self) -> str:
+        return f"tree:{self.depth},{self.topk},{self.total}"
+
+
+class DraftTree:
+    """Draft tokens with parent links; parents come before children, -1 is the root
+    (the last context token, not yet in the cache)."""
+
+    def __init__(self, tokens: list[int], parents: list[int]):
+        self.tokens, self.parents = tokens, parents
+        self.depths = []
+        for p in parents:
+            self.depths.append(1 if p < 0 else self.depths[p] + 1)
+
+    @classmethod
+    def chain(cls, tokens: list[int]) -> "DraftTree":
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)))
+
+    def children(self, node: int) -> list[int]:
+        return [i for i, p in enumerate(self.parents) if p == node]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def tree_attention(tree: DraftTree, past: int, dtype) -> torch.Tensor:
+    """Additive 4D mask [1, 1, 1+n, past+1+n]: the context, the root, own ancestors and self."""
+    width = len(tree) + 1
+    allowed = torch.zeros(width, past + width, dtype=torch.bool)
+    allowed[:, :past + 1] = True
+    for i in range(len(tree)):
+        node = i
+        while node >= 0:
+            allowed[i + 1, past + 1 + node] = True
+            node = tree.parents[node]
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+@torch.inference_mode()
+def tree_forward(target, root: int, tree: DraftTree, cache: DynamicCache, need_hidden: bool):
+    past = cache.get_seq_length()
+    ids = torch.tensor([[root] + tree.tokens], device=target.device)
+    positions = torch.tensor([[past] + [past + d for d in tree.depths]], device=target.device)
+    mask = tree_attention(tree, past, target.model.dtype).to(target.device)
+    out = target.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                       use_cache=True, output_hidden_states=need_hidden)
+    return out.logits[0], out.hidden_states if need_hidden else None
+
+
+def accept_tree_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
+    """Walk from the root while the target's argmax is a child; return the path and bonus."""
+    path, node = [], -1
+    choice = logits.argmax(-1).tolist()
+    while True:
+        want = choice[node + 1]
+        match = [c for c in tree.children(node) if tree.tokens[c] == want]
+        if not match:
+            return path, want
+        node = match[0]
+        path.append(node)
+
+
+def accept_tree_sampling(tree: DraftTree, probs: torch.Tensor, generator) -> tuple[list[int], int]:
+    """Recursive rejection over each node's children (deterministic drafts: one-hot q)."""
+    path, node = [], -1
+    while True:
+        residual = probs[node + 1].clone()
+        moved = False
+        for child in tree.children(node):
+            tok = tree.tokens[child]
+            if torch.rand((), generator=generator).item() < float(residual[tok]):
+                node, moved = child, True
+                path.append(child)
+                break
+            residual[tok] = 0.0
+            total = residual.sum()
+            if total <= 0:
+                break
+            residual /= total
+        if not moved:
+            if residual.sum() <= 0:  # every token with mass was a rejected child: sample p itself
+                residual = probs[node + 1]
+            return path, sample(residual / residual.sum(), generator)
+
+
+def keep_tree_path(cache: DynamicCache, past: int, path: list[int]) -> None:
+    """Keep the context, the root and the accepted path's slots; drop the other branches."""
+    index = torch.tensor([past] + [past + 1 + i for i in path])
+    for layer in cache.layers:
+        keep = index.to(layer.keys.device)
+        layer.keys = torch.cat([layer.keys[..., :past, :], layer.keys.index_select(-2, keep)], -2)
+        layer.values = torch.cat([layer.values[..., :past, :], layer.values.index_select(-2, keep)], -2)
+
+
+def tree_step(target, draft, cache, context, budget, shape: TreeShape, temperature, top_p,
+              generator, eos_ids, index) -> Step:
+    """One tree draft -> tree verify -> accept-longest-path cycle (batch of one)."""
+    t0 = time.perf_counter()
+    depth = min(shape.depth, budget - 1)
+    tree = DraftTree([], [])
+    if draft is not None and depth > 0:
+        tree = draft.propose_tree(context, TreeShape(depth, shape.topk, shape.total), temperature, top_p, generator)
+    t1 = time.perf_counter()
+    past = cache.get_seq_length()
+    need_hidden = draft is not None and draft.needs_hidden
+    logits, hidden = tree_forward(target, context[-1], tree, cache, need_hidden)
+    t2 = time.perf_counter()
+    probs = logits_to_probs(logits, temperature, top_p) if temperature > 0 else None
+    path, bonus = (accept_tree_greedy(tree, logits) if temperature <= 0
+                   else accept_tree_sampling(tree, probs, generator))
+    keep_tree_path(cache, past, path)
+    accepted = [tree.tokens[i] for i in path]
+    if draft is not None:
+        rows = [0] + [i + 1 for i in path]
+        draft.observe([context[-1]] + accepted, None if hidden is None else tuple(h[:, rows] for h in hidden))
+    emitted, _ = emit(accepted + [bonus], eos_ids, budget)
+    # the drafted record: the accepted path, then the draft's best guess where it stopped
+    stop = tree.children(path[-1] if path else -1)
+    drafted = accepted + ([tree.tokens[stop[0]]] if stop else [])
+    at = [0] + [i + 1 for i in path]  # block row whose logits judged each drafted token
+    shown = [float(torch.softmax(logits[at[j]].float(), -1)[tok]) for j, tok in enumerate(drafted)]
+    return Step(index=index, drafted=drafted, accepted=min(len(path), len(emitted)),
+                bonus=bonus if len(emitted) == len(path) + 1 else None, emitted=emitted,
+                p_draft=shown, q_draft=[1.0] * len(drafted), draft_ms=(t1 - t0) * 1e3, verify_ms=(t2 - t1) * 1e3,
+                overhead_ms=(time.perf_counter() - t2) * 1e3, tree_size=len(tree), k=depth)

@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from scylla import ScyllaError
-from scylla.decoding import logits_to_probs, rollback, sample
+from scylla.decoding import DraftTree, logits_to_probs, rollback, sample
 
 NAMED_DRAFTS = ("scylla", "eagle3-style", "eagle2-style")
 DRAFT_CHOICES = ("none", "ngram", "layerskip:8", *NAMED_DRAFTS)
@@ -39,6 +39,12 @@ class Draft:
                 generator) -> tuple[list[int], torch.Tensor | None]:
         raise NotImplementedError
 
+    def propose_tree(self, context: list[int], shape, temperature: float, top_p: float,
+                     generator) -> DraftTree:
+        """A draft tree; drafts without a tree of their own give their greedy chain."""
+        drafted, _ = self.propose(context, shape.depth, 0.0, 1.0, None)
+        return DraftTree.chain(drafted)
+
 
 class NgramDraft(Draft):
     """Prompt lookup: copy what followed the latest earlier match of the context's tail."""
@@ -55,6 +61,46 @@ class NgramDraft(Draft):
             if found:
                 return found, None
         return [], None  # nothing matches: propose nothing, pay nothing
+
+    def propose_tree(self, context, shape, temperature, top_p, generator):
+        """A trie of what followed the latest `topk` distinct earlier matches of the tail."""
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            found = find_continuations(context, n, shape.depth, shape.topk)
+            if found:
+                return trie_of(found, shape.total)
+        return DraftTree([], [])
+
+
+def find_continuations(context: list[int], n: int, k: int, limit: int) -> list[list[int]]:
+    """Continuations of the latest matches of the n-token tail, newest first, distinct."""
+    if len(context) <= n:
+        return []
+    tail, found = context[-n:], []
+    for start in range(len(context) - n - 1, -1, -1):
+        if context[start:start + n] == tail:
+            cont = context[start + n:start + n + k]
+            if cont and cont not in found:
+                found.append(cont)
+                if len(found) >= limit:
+                    break
+    return found
+
+
+def trie_of(sequences: list[list[int]], total: int) -> DraftTree:
+    """Merge sequences into a prefix tree of at most `total` nodes (earlier sequences first)."""
+    tokens, parents, index = [], [], {}
+    for seq in sequences:
+        parent = -1
+        for tok in seq:
+            key = (parent, tok)
+            if key not in index:
+                if len(tokens) >= total:
+                    break
+                index[key] = len(tokens)
+                tokens.append(tok)
+                parents.append(parent)
+            parent = index[key]
+    return DraftTree(tokens, parents)
 
 
 def find_continuation(context: list[int], n: int, k: int) -> list[int]:

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaModel
 
 from scylla import ScyllaError
-from scylla.decoding import logits_to_probs, rollback, sample
+from scylla.decoding import DraftTree, logits_to_probs, rollback, sample
 from scylla.drafts import Draft
 
 WEIGHTS = "model.safetensors"
@@ -85,9 +85,9 @@ class FeatureHead(nn.Module):
         g = features if fused else self.fuse(features)
         return self.fc(torch.cat([g, self.embed(tokens).to(g.dtype)], dim=-1))
 
-    def forward(self, inputs: torch.Tensor, cache=None, attention_mask=None) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, cache=None, attention_mask=None, position_ids=None) -> torch.Tensor:
         out = self.body(inputs_embeds=inputs, cache=cache, use_cache=cache is not None,
-                        attention_mask=attention_mask)
+                        attention_mask=attention_mask, position_ids=position_ids)
         return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -208,8 +208,8 @@ class HeadDraft(Draft):
         feats = torch.cat([hidden[i][0] for i in self.layers], dim=-1)
         self.features = feats if self.features is None else torch.cat([self.features, feats])
 
-    @torch.inference_mode()
-    def propose(self, context, k, temperature, top_p, generator):
+    def catch_up(self, context) -> torch.Tensor:
+        """Drop last step's draft slots, feed the new real features; the state at the root."""
         head = self.head
         rollback(self.cache, self.n_real)
         n_feat = self.features.shape[0]
@@ -217,6 +217,12 @@ class HeadDraft(Draft):
         new_toks = torch.tensor([context[self.n_real + 1:n_feat + 1]], device=new_feats.device)
         hidden = head(head.step_inputs(new_feats, new_toks, fused=False), self.cache)[:, -1:]
         self.n_real = n_feat
+        return hidden
+
+    @torch.inference_mode()
+    def propose(self, context, k, temperature, top_p, generator):
+        head = self.head
+        hidden = self.catch_up(context)
         drafted, rows = [], []
         for j in range(k):
             logits = head.logits(hidden)[0, -1].float()
@@ -230,3 +236,80 @@ class HeadDraft(Draft):
                 hidden = head(step_in, self.cache)
         q = head.full_vocab_probs(torch.stack(rows)) if temperature > 0 else None
         return drafted, q
+
+    @torch.inference_mode()
+    def propose_tree(self, context, shape, temperature, top_p, generator) -> DraftTree:
+        """EAGLE-2 dynamic tree: per level, expand the `topk` best new nodes (by cumulative
+        draft log-prob) into their `topk` best children, all in one head forward with a tree
+        mask; finally keep the `total` best nodes (an ancestor-closed set)."""
+        grow = TreeGrowth(self.head.to_target_ids)
+        grow.add_children(-1, self.catch_up(context)[0, -1], self.head, shape.topk)
+        for _ in range(shape.depth - 1):
+            expand = grow.best_new(shape.topk)
+            hidden = self.feed_nodes(grow, expand)
+            grow.frontier = []
+            for j, node in enumerate(expand):
+                grow.add_children(node, hidden[0, j], self.head, shape.topk)
+        return grow.tree(shape.total)
+
+    def feed_nodes(self, grow: "TreeGrowth", nodes: list[int]) -> torch.Tensor:
+        """Run the head on `nodes` (each sees the real context and its own fed ancestors)."""
+        head, past = self.head, self.cache.get_seq_length()
+        parents = torch.stack([grow.state_of_parent[n] for n in nodes])[None]
+        toks = torch.tensor([[grow.tokens[n] for n in nodes]], device=parents.device)
+        allowed = torch.zeros(len(nodes), past + len(nodes), dtype=torch.bool)
+        allowed[:, :self.n_real] = True
+        for j, n in enumerate(nodes):
+            allowed[j, past + j] = True
+            a = grow.parents[n]
+            while a >= 0:
+                allowed[j, grow.slot[a]] = True
+                a = grow.parents[a]
+            grow.slot[n] = past + j
+        dtype = parents.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        positions = torch.tensor([[self.n_real + grow.depths[n] - 1 for n in nodes]], device=parents.device)
+        step_in = head.step_inputs(parents, toks, fused=True)
+        return head(step_in, self.cache, attention_mask=mask[None, None].to(parents.device), position_ids=positions)
+
+
+class TreeGrowth:
+    """The nodes a dynamic tree has grown so far, with their cumulative log-probs."""
+
+    def __init__(self, to_target_ids):
+        self.to_target_ids = to_target_ids
+        self.tokens, self.parents, self.depths, self.scores = [], [], [], []
+        self.state_of_parent: list[torch.Tensor] = []  # the head state that predicted the node
+        self.slot: dict[int, int] = {}                  # draft-cache slot of a fed node
+        self.frontier: list[int] = []
+
+    def add_children(self, node: int, state: torch.Tensor, head, topk: int) -> None:
+        logp = torch.log_softmax(head.logits(state[None, None])[0, 0].float(), -1)
+        best = logp.topk(min(topk, logp.shape[-1]))
+        base = self.scores[node] if node >= 0 else 0.0
+        for lp, draft_id in zip(best.values.tolist(), best.indices.tolist()):
+            self.tokens.append(int(self.to_target_ids(torch.tensor(draft_id))))
+            self.parents.append(node)
+            self.depths.append(1 if node < 0 else self.depths[node] + 1)
+            self.scores.append(base + lp)
+            self.state_of_parent.append(state)
+            self.frontier.append(len(self.tokens) - 1)
+
+    def best_new(self, topk: int) -> list[int]:
+        return sorted(self.frontier, key=lambda n: -self.scores[n])[:topk]
+
+    def tree(self, total: int) -> DraftTree:
+        keep = set(sorted(range(len(self.tokens)), key=lambda n: -self.scores[n])[:total])
+        # a child never outscores its parent (log-probs <= 0), but ties could break the closure
+        keep = {n for n in keep if all(a in keep for a in self.ancestors(n))}
+        order = sorted(keep)  # creation order: parents before children
+        new_index = {n: i for i, n in enumerate(order)}
+        return DraftTree([self.tokens[n] for n in order],
+                         [new_index[self.parents[n]] if self.parents[n] >= 0 else -1 for n in order])
+
+    def ancestors(self, node: int) -> list[int]:
+        out, a = [], self.parents[node]
+        while a >= 0:
+            out.append(a)
+            a = self.parents[a]
+        return out

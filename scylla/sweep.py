@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from scylla import ScyllaError
 
-GRID_KEYS = {"tokens", "layers", "batch", "temperature", "k", "draft"}
+GRID_KEYS = {"tokens", "layers", "batch", "temperature", "k", "draft", "tree"}
 TOP_KEYS = {"name", "target", "prompts", "limit", "max_new_tokens", "seed", "grid", "train"}
 TRAIN_KEYS = {"fusion", "draft_vocab", "ttt", "seed", "corpus", "lr"}
 
@@ -88,13 +88,26 @@ def check_grid(grid: dict, path: str) -> None:
             raise ScyllaError(f"{path}: [grid] {key} must be a non-empty list")
     checks = {"tokens": lambda v: isinstance(v, int) and v >= 256, "layers": lambda v: isinstance(v, int) and 1 <= v <= 8,
               "batch": lambda v: isinstance(v, int) and 1 <= v <= 64, "temperature": lambda v: isinstance(v, (int, float)) and 0 <= v <= 2,
-              "k": lambda v: v == "auto" or (isinstance(v, int) and 1 <= v <= 16), "draft": lambda v: isinstance(v, str)}
+              "k": lambda v: v == "auto" or (isinstance(v, int) and 1 <= v <= 16),
+              "tree": is_tree_shape, "draft": lambda v: isinstance(v, str)}
     for key, values in grid.items():
         bad = [v for v in values if not checks[key](v)]
         if bad:
             raise ScyllaError(f"{path}: impossible [grid] {key} value(s) {bad}")
+    if "tree" in grid and any(b > 1 for b in grid.get("batch", [1])):
+        raise ScyllaError(f"{path}: draft trees run at batch 1; drop `tree` or the batch sizes > 1")
     if "draft" not in grid and "tokens" not in grid:
         raise ScyllaError(f"{path}: the grid needs `tokens` (trained drafts) or `draft` (untrained kinds)")
+
+
+def is_tree_shape(value) -> bool:
+    from scylla.decoding import TreeShape
+
+    try:
+        TreeShape.parse(str(value))
+    except ScyllaError:
+        return False
+    return True
 
 
 def grid_points(cfg: SweepConfig) -> list[dict]:
@@ -164,7 +177,7 @@ def run_point(cfg: SweepConfig, point: dict, target, db: str, config_path: str) 
     draft = make_draft(spec, target)
     prompts = load_prompts(cfg.prompts, cfg.limit)
     report = run_bench(target, draft, prompts, cfg.max_new_tokens, point["k"], point["temperature"],
-                       1.0, cfg.seed, spec, point["batch"])
+                       1.0, cfg.seed, spec, point["batch"], tree=point.get("tree"))
     write_runs_atomic(db, report_rows(cfg, point, report, spec, config_path))
 
 
@@ -194,7 +207,7 @@ def report_rows(cfg: SweepConfig, point: dict, report: dict, spec: str, config_p
 
     base = {"command": f"scylla sweep {config_path}", "device": report["device"], "target": report["target"],
             "quant": report["quant"], "draft": spec, "temperature": point["temperature"], "top_p": 1.0,
-            "shape": report["shape"], "k": point["k"] if point["k"] != "auto" else None,
+            "shape": report["shape"], "k": point["k"] if point["k"] != "auto" and "tree" not in point else None,
             "batch": point["batch"], "prompt_set": Path(cfg.prompts).name,
             "notes": f"mean draft length per step {report['k_mean']}" if point["k"] == "auto" else None}
     if "tokens" in point and "draft" not in point:

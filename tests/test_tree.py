@@ -1,0 +1,120 @@
+"""Draft trees (EAGLE-2 style) on a tiny random Llama: exact at T=0, lossless at T>0."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from scylla import ScyllaError
+from scylla.decoding import DraftTree, TreeShape, generate_ids, target_forward, tree_attention
+from scylla.drafts import Draft, LayerSkipDraft, NgramDraft, trie_of
+from tests.conftest import tiny_target
+from tests.test_batch import head_draft
+from tests.test_engine import RandomDraft, exact_joint_23, one_thread, plain_greedy, random_prompt  # noqa: F401
+
+
+class RandomTreeDraft(Draft):
+    """A random branching tree every step: exercises every branch and rejection path."""
+
+    def __init__(self, vocab, seed=0):
+        self.rng, self.vocab, self.name = random.Random(seed), vocab, "random-tree"
+
+    def propose_tree(self, context, shape, temperature, top_p, generator):
+        tokens, parents, frontier = [], [], [-1]
+        for _ in range(shape.depth):
+            nxt = []
+            for parent in frontier:
+                for tok in self.rng.sample(range(self.vocab), min(shape.topk, self.vocab)):
+                    if len(tokens) < shape.total:
+                        tokens.append(tok)
+                        parents.append(parent)
+                        nxt.append(len(tokens) - 1)
+            frontier = nxt
+        return DraftTree(tokens, parents)
+
+
+@pytest.mark.parametrize("kind", ["ngram", "random-tree", "layerskip", "head"])
+@pytest.mark.parametrize("shape", ["tree:1,1,1", "tree:4,3,12", "tree:6,4,30"])
+def test_tree_decoding_equals_plain_greedy(kind, shape, tmp_path):
+    target = tiny_target()
+    drafts = {"ngram": NgramDraft(), "random-tree": RandomTreeDraft(96, seed=2),
+              "layerskip": LayerSkipDraft(target, 2)}
+    draft = head_draft(target, tmp_path) if kind == "head" else drafts[kind]
+    rng = random.Random(len(kind) + len(shape))
+    for _ in range(3):
+        # few distinct tokens, so that n-gram lookup finds several earlier matches
+        prompt = [rng.randrange(3, 12) for _ in range(rng.randrange(4, 40))]
+        got, steps = generate_ids(target, draft, prompt, max_new_tokens=30, tree=shape)
+        assert got == plain_greedy(target, prompt, 30)
+        assert all(s.tree_size <= TreeShape.parse(shape).total for s in steps)
+
+
+def test_ngram_trees_branch():
+    prompt = [5, 6, 7, 5, 6, 8, 5, 6, 9, 5, 6]
+    tree = NgramDraft().propose_tree(prompt, TreeShape(3, 3, 9), 0.0, 1.0, None)
+    assert tree.children(-1) and len(tree.children(-1)) == 3  # 9, 8 and 7 all followed "5 6"
+    assert [tree.tokens[c] for c in tree.children(-1)] == [9, 8, 7]  # the latest match first
+    assert tree.tokens == [9, 5, 6, 8, 5, 6, 7, 5, 6] and max(tree.depths) == 3
+
+
+def test_trie_merges_shared_prefixes_and_caps_its_size():
+    tree = trie_of([[1, 2, 3], [1, 2, 4], [5]], total=10)
+    assert tree.tokens == [1, 2, 3, 4, 5]
+    assert tree.parents == [-1, 0, 1, 1, -1]
+    assert len(trie_of([[1, 2, 3], [4, 5, 6]], total=4)) == 4
+
+
+def test_tree_mask_sees_the_context_and_own_ancestors_only():
+    tree = DraftTree([10, 11, 12, 13], [-1, -1, 0, 2])
+    allowed = tree_attention(tree, past=2, dtype=torch.float32)[0, 0] == 0
+    assert allowed[:, :3].all()  # two context slots and the root
+    assert allowed[3, 3:].tolist() == [True, False, True, False]  # node 2 sees node 0 and itself
+    assert allowed[4, 3:].tolist() == [True, False, True, True]
+    assert allowed[2, 3:].tolist() == [False, True, False, False]
+
+
+def test_head_tree_of_width_one_is_the_head_chain(tmp_path):
+    target = tiny_target()
+    draft = head_draft(target, tmp_path)
+    prompt = [5, 9, 33, 12, 40, 7]
+    twin = draft.fork()
+    for d in (draft, twin):
+        _, hidden = target_forward(target, prompt, __import__("transformers").DynamicCache(), True)
+        d.observe(prompt, hidden)
+    context = prompt + [17]
+    chain, _ = draft.propose(context, 5, 0.0, 1.0, None)
+    tree = twin.propose_tree(context, TreeShape(5, 1, 5), 0.0, 1.0, None)
+    assert tree.tokens == chain and tree.parents == [-1, 0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("spec", ["tree:0,2,4", "tree:3,2", "tree:a,b,c", "tree:2,2,500"])
+def test_bad_tree_shapes_are_refused(spec):
+    with pytest.raises(ScyllaError, match="tree"):
+        TreeShape.parse(spec)
+
+
+def test_tree_sampling_is_lossless(one_thread):
+    """Chi-square of (x2, x3) against the exact target distribution with a random branching
+    tree (alpha = 0.001, fixed seeds)."""
+    vocab = 6
+    target = tiny_target(vocab=vocab, layers=3, hidden=16, init_range=0.6, eos=99)
+    target.model.generation_config.eos_token_id = None
+    prompt = [1, 2, 3]
+    draft = RandomTreeDraft(vocab, seed=4)
+    n = 1500
+    counts = np.zeros((vocab, vocab))
+    accepted = 0
+    for i in range(n):
+        out, steps = generate_ids(target, draft, prompt, max_new_tokens=3, temperature=1.0, seed=i,
+                                  tree="tree:2,2,6")
+        counts[out[1], out[2]] += 1
+        accepted += sum(s.accepted for s in steps)
+    expected = exact_joint_23(target, prompt, 1.0).ravel() * n
+    keep = expected >= 5
+    obs = np.append(counts.ravel()[keep], counts.ravel()[~keep].sum())
+    exp = np.append(expected[keep], expected[~keep].sum())
+    assert stats.chisquare(obs, exp).pvalue > 0.001
+    assert accepted > 0
