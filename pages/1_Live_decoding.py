@@ -42,7 +42,16 @@ with st.sidebar:
         skip_layers = st.number_input("layerskip: layers K", 1, 29, 8, key="skip_layers")
     temperature = st.slider("Temperature", 0.0, 1.5, 0.0, 0.05, key="temperature")
     top_p = st.slider("Top-p", 0.05, 1.0, 1.0, 0.05, key="top_p")
-    k = st.slider("Chain length k (draft tokens per step)", 1, 12, 6, key="k")
+    shape = st.radio("Draft shape", live.SHAPES, horizontal=True, key="shape",
+                     help="chain: k tokens in a row; tree: an EAGLE-2 dynamic tree verified in one forward.")
+    if shape == "chain":
+        k = st.slider("Chain length k (draft tokens per step)", 1, 12, 6, key="k")
+        depth, topk, total = k, 1, k
+    else:
+        depth = st.slider("Tree depth", 1, 8, 4, key="tree_depth")
+        topk = st.slider("Top-k expansion", 1, 8, 4, key="tree_topk")
+        total = st.slider("Tree nodes verified", 1, 64, 16, key="tree_total")
+        k = depth
     max_tokens = st.slider("Max new tokens", 8, 256, 64, 8, key="max_tokens")
     seed = st.number_input("Seed (sampling)", 0, 2**31 - 1, 0, key="seed")
     show_rejected = st.toggle("Show rejected drafts inline", value=True, key="show_rejected",
@@ -132,7 +141,7 @@ if go_clicked:
 
     result = {"plain": live.Transcript(target.tokenizer, speculative=False),
               "speculative": live.Transcript(target.tokenizer, speculative=True),
-              "draft": spec_name, "k": int(k)}
+              "draft": spec_name, "k": int(k), "shape": live.tree_spec(shape, depth, topk, total) or f"chain:{k}"}
     gen_seed = int(seed) if temperature > 0 else None
     try:
         waiting = slots["plain"]["text"]
@@ -141,7 +150,8 @@ if go_clicked:
             plain_steps = plain_generate(target, prompt_ids, int(max_tokens), temperature, top_p,
                                          seed=gen_seed)
             spec_steps = speculative_generate(target, draft, prompt_ids, int(max_tokens), int(k),
-                                              temperature, top_p, seed=gen_seed)
+                                              temperature, top_p, seed=gen_seed,
+                                              tree=live.tree_spec(shape, depth, topk, total))
             for side, step, seconds in live.race(plain_steps, spec_steps):
                 result[side].add(step, seconds)
                 render(result)

@@ -106,6 +106,14 @@ def draft_spec(kind: str, layers: int = 8) -> str:
     return f"layerskip:{int(layers)}" if kind == "layerskip" else kind
 
 
+SHAPES = ("chain", "tree")
+
+
+def tree_spec(shape: str, depth: int, topk: int, total: int) -> str | None:
+    """The engine's tree option for the page's shape widgets (None: a chain)."""
+    return f"tree:{depth},{topk},{total}" if shape == "tree" else None
+
+
 def load_live_draft(spec: str, target):
     """make_draft with a clear message (and the ngram suggestion) when a draft is missing."""
     from scylla.drafts import make_draft
