@@ -31,7 +31,12 @@ def positive_int(text: str) -> int:
 
 
 def draft_length(text: str) -> int | str:
-    return "auto" if text == "auto" else positive_int(text)
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
 
 
 def add_decode_flags(p: argparse.ArgumentParser) -> None:

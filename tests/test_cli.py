@@ -31,6 +31,9 @@ def run_cli(args, capsys):
     (["bench", "--prompts", "assets/eval_prompts.jsonl", "--json", "o.json", "--draft", "magic"], "unknown --draft"),
     (["generate", "   ", "--draft", "ngram"], "empty prompt"),
     (["sweep", "missing.toml"], "not found"),
+    (["bench", "--prompts", "assets/eval_prompts.jsonl", "--json", "o.json", "--tree", "3,2"], "tree"),
+    (["bench", "--prompts", "assets/eval_prompts.jsonl", "--json", "o.json", "--tree", "3,2,6",
+      "--batch-size", "2"], "batch size 1"),
     (["fit", "--csv", "missing.csv", "--x", "a", "--y", "b"], ""),
 ])
 def test_bad_input_gives_one_line_and_exit_2(args, needle, capsys):
@@ -84,3 +87,21 @@ def test_real_target_greedy_equality_with_every_draft_kind(real_target):
         want = base[0, len(ids):].tolist()
         got, _ = generate_ids(real_target, make_draft(spec, real_target), ids, max_new_tokens=24, k=4)
         assert got == want, spec
+
+
+@pytest.mark.real
+def test_batched_bench_and_tree_bench_on_the_real_target(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Summarize: the cat sat on the mat. The cat sat on the mat.", "category": "sum"}\n'
+                       '{"prompt": "Name three colours.", "category": "qa"}\n'
+                       '{"prompt": "Write a haiku about rain, then repeat it.", "category": "writing"}\n')
+    out = tmp_path / "o.json"
+    assert main(["bench", "--prompts", str(prompts), "--max-new-tokens", "10", "--draft", "ngram",
+                 "--batch-size", "2", "--k", "auto", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert BENCH_KEYS <= set(report) and report["batch_size"] == 2 and report["n_prompts"] == 3
+    assert report["exact_match_rate"] == 1.0 and report["k"] == "auto" and report["k_mean"] is not None
+    assert main(["bench", "--prompts", str(prompts), "--max-new-tokens", "10", "--draft", "scylla",
+                 "--tree", "3,3,8", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["shape"] == "tree:3,3,8" and report["exact_match_rate"] == 1.0
