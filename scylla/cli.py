@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("--db", default="results.duckdb")
     s.add_argument("--dry-run", action="store_true")
+
+    r = sub.add_parser("recommend", help="the draft and draft length the laws predict fastest; --check measures it")
+    r.add_argument("--config", required=True, help="the sweep config whose evaluation set-up (and training) to use")
+    r.add_argument("--batch", type=positive_int, default=1)
+    r.add_argument("--budget-tokens", type=positive_int, required=True)
+    r.add_argument("--check", action="store_true", help="train or load the draft, measure it, store the pair")
+    r.add_argument("--db", default="results.duckdb")
+    r.add_argument("--json", dest="json_out")
     return parser
 
 
@@ -216,6 +224,15 @@ def cmd_sweep(args) -> int:
     return sweep_command(args)
 
 
+def cmd_recommend(args) -> int:
+    from scylla.sweep import recommend_command
+
+    out = recommend_command(args)
+    if args.json_out:
+        write_json(args.json_out, out)
+    return 0
+
+
 def write_json(path: str, obj: dict) -> None:
     target = Path(path)
     try:
@@ -226,7 +243,8 @@ def write_json(path: str, obj: dict) -> None:
 
 
 COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "build-corpus": cmd_build_corpus,
-            "train-draft": cmd_train_draft, "export-draft": cmd_export_draft, "fit": cmd_fit, "sweep": cmd_sweep}
+            "train-draft": cmd_train_draft, "export-draft": cmd_export_draft, "fit": cmd_fit, "sweep": cmd_sweep,
+            "recommend": cmd_recommend}
 
 
 def main(argv: list[str] | None = None) -> int:

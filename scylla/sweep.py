@@ -229,3 +229,53 @@ def report_rows(cfg: SweepConfig, point: dict, report: dict, spec: str, config_p
         rows.append({**base, "id": f"{pid}-{cat}", "category": cat, "n_prompts": c["n"], "tau": c["tau"],
                      "accept_rate": c["accept_rate"], "speedup": c["speedup"]})
     return rows
+
+
+# ---------------------------------------------------------------- Scylla's recommendation, checked
+
+def recommend_command(args) -> dict:
+    """Recommend (layers, tokens, k) for a batch size and token budget from the runs measured
+    with the config's evaluation set-up; with --check, train or load that draft, measure it as a
+    point of the same sweep, and store the predicted-versus-measured pair."""
+    from scylla.laws import recommend
+    from scylla.store import insert_prediction, runs_frame
+
+    cfg = load_config(args.config)
+    runs = comparable_runs(runs_frame(args.db), cfg)
+    out = recommend(runs, batch=args.batch, budget_tokens=args.budget_tokens)
+    best = out["best"]
+    print(f"recommended: layers {best['layers']}, tokens {best['tokens']}, k {best['k']}: predicted tau "
+          f"{best['predicted_tau']:.3f} [{best['tau_low']:.3f}, {best['tau_high']:.3f}], speedup "
+          f"{best['predicted_speedup']:.3f} [{best['speedup_low']:.3f}, {best['speedup_high']:.3f}]",
+          file=sys.stderr)
+    if not args.check:
+        return out
+    point = {"batch": args.batch, "k": int(best["k"]), "layers": int(best["layers"]),
+             "temperature": 0.0, "tokens": int(best["tokens"])}
+    run_id = point_id(cfg, point) + "-all"
+    if run_id not in finished_ids(args.db):
+        from scylla.models import load_target
+
+        run_point(cfg, point, load_target(cfg.target), args.db, args.config)
+    measured = runs_frame(args.db).set_index("id").loc[run_id]
+    pair = {**{k: best[k] for k in ("batch", "budget_tokens", "layers", "tokens", "k", "predicted_tau",
+                                     "tau_low", "tau_high", "predicted_speedup", "speedup_low", "speedup_high")},
+            "measured_tau": float(measured["tau"]), "measured_speedup": float(measured["speedup"]),
+            "run_id": run_id}
+    pair["prediction_id"] = insert_prediction(args.db, pair)
+    pair["tau_inside_interval"] = bool(best["tau_low"] <= pair["measured_tau"] <= best["tau_high"])
+    print(f"measured: tau {pair['measured_tau']:.3f} ({'inside' if pair['tau_inside_interval'] else 'OUTSIDE'} "
+          f"the prediction interval), speedup {pair['measured_speedup']:.3f}", file=sys.stderr)
+    return {**out, "check": pair}
+
+
+def comparable_runs(runs, cfg: SweepConfig):
+    """Trained-draft runs measured like this config: same prompt set, greedy, overall rows."""
+    if runs.empty:
+        raise ScyllaError("the store holds no runs: run a tokens or layers sweep first")
+    keep = (runs["tokens"].notna() & (runs["prompt_set"] == Path(cfg.prompts).name)
+            & (runs["temperature"] == 0.0) & (runs["category"] == "all"))
+    chosen = runs[keep]
+    if chosen.empty:
+        raise ScyllaError(f"no trained-draft runs on {Path(cfg.prompts).name} at T=0 to fit a law to")
+    return chosen
