@@ -31,6 +31,7 @@ def run_cli(args, capsys):
     (["bench", "--prompts", "assets/eval_prompts.jsonl", "--json", "o.json", "--draft", "magic"], "unknown --draft"),
     (["generate", "   ", "--draft", "ngram"], "empty prompt"),
     (["sweep", "missing.toml"], "not found"),
+    (["recommend", "--config", "sweeps/tokens.toml", "--budget-tokens", "100", "--db", "missing.duckdb"], "no store"),
     (["bench", "--prompts", "assets/eval_prompts.jsonl", "--json", "o.json", "--tree", "3,2"], "tree"),
     (["bench", "--prompts", "assets/eval_prompts.jsonl", "--json", "o.json", "--tree", "3,2,6",
       "--batch-size", "2"], "batch size 1"),
