@@ -46,14 +46,12 @@ def run_bench(target, draft, prompts: list[dict], max_new_tokens: int = 128, k: 
               batch_size: int = 1, warmup: bool = True, tree=None) -> dict:
     check_decode_args(max_new_tokens, temperature, top_p, k)
     tree = TreeShape.parse(tree) if isinstance(tree, str) else tree
-    if tree is not None and batch_size > 1:
-        raise ScyllaError("a draft tree runs at batch size 1; batched decoding verifies chains")
     if batch_size < 1:
         raise ScyllaError(f"--batch-size must be >= 1, got {batch_size}")
     encoded = [encode_checked(target, p, max_new_tokens) for p in prompts]
     if batch_size > 1:
         return run_batched_bench(target, draft, prompts, encoded, max_new_tokens, k, temperature,
-                                 top_p, seed, draft_spec, batch_size, warmup)
+                                 top_p, seed, draft_spec, batch_size, warmup, tree)
     if warmup:  # first calls pay one-off allocation costs; keep them out of both timings
         baseline_generate(target, encoded[0][:32], 4, 0.0, 1.0, None)
         generate_ids(target, draft, encoded[0][:32], max_new_tokens=4, k=k, tree=tree)
@@ -156,23 +154,25 @@ def cut_after_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
 
 
 def run_batched_bench(target, draft, prompts, encoded, max_new_tokens, k, temperature, top_p, seed,
-                      draft_spec, batch_size, warmup) -> dict:
+                      draft_spec, batch_size, warmup, tree=None) -> dict:
     """Batches of B prompts, baseline then engine per batch; throughput is generated tokens of
     all rows over wall time, and tau, acceptance and exact match are per row, then averaged."""
     chunks = [list(range(i, min(i + batch_size, len(encoded)))) for i in range(0, len(encoded), batch_size)]
     if warmup:
         short = [encoded[i][:32] for i in chunks[0]]
         baseline_generate_batch(target, short, 4, 0.0, 1.0, None)
-        batch_generate_ids(target, draft, short, max_new_tokens=4, k=k)
+        batch_generate_ids(target, draft, short, max_new_tokens=4, k=k, tree=tree)
     rows = []
     for c, chunk in enumerate(tqdm(chunks, desc=f"bench B={batch_size}", unit="batch")):
         batch = [encoded[i] for i in chunk]
         base, base_s = timed(baseline_generate_batch, target, batch, max_new_tokens, temperature, top_p, seed + c)
         (spec, steps), spec_s = timed(batch_generate_ids, target, draft, batch, max_new_tokens=max_new_tokens,
-                                      k=k, temperature=temperature, top_p=top_p, seed=seed + c)
+                                      k=k, temperature=temperature, top_p=top_p, seed=seed + c, tree=tree)
         rows += share_batch_time(prompts, chunk, base, base_s, spec, spec_s, steps)
     report = bench_report(rows, target, draft_spec, temperature, top_p, batch_size, k, max_new_tokens)
     report.update(row_averages(rows))
+    if tree is not None:
+        report.update({"shape": str(tree), "k": None, "tree_nodes_mean": mean_tree_size(rows)})
     for cat, rs in group_rows(rows).items():
         report["by_category"][cat].update({"tau": row_averages(rs)["tau"]})
     return report

@@ -175,8 +175,6 @@ def check_flags(args) -> None:
         from scylla.decoding import TreeShape
 
         args.tree = TreeShape.parse(args.tree)
-        if getattr(args, "batch_size", 1) > 1:
-            raise ScyllaError("--tree runs at batch size 1; batched decoding verifies chains")
     if args.quant not in QUANTS:
         raise ScyllaError(f"unknown --quant {args.quant!r}")
 

@@ -286,8 +286,10 @@ class RaggedCache:
 
 
 @torch.inference_mode()
-def ragged_forward(target, ragged: RaggedCache, inputs: list[list[int]], need_hidden: bool):
-    """One target forward over each row's new tokens (right-padded to the widest row)."""
+def ragged_forward(target, ragged: RaggedCache, inputs: list[list[int]], need_hidden: bool,
+                   trees: "list[DraftTree] | None" = None):
+    """One target forward over each row's new tokens (right-padded to the widest row).
+    With `trees`, row b's inputs are [root] + trees[b].tokens under a per-row tree mask."""
     width = max(len(x) for x in inputs)
     ids = torch.full((len(inputs), width), pad_id(target), dtype=torch.long)
     new = torch.zeros((len(inputs), width), dtype=torch.bool)
@@ -295,13 +297,43 @@ def ragged_forward(target, ragged: RaggedCache, inputs: list[list[int]], need_hi
         ids[b, :len(toks)] = torch.tensor(toks)
         new[b, :len(toks)] = True
     past = ragged.valid if ragged.valid is not None else torch.zeros((len(inputs), 0), dtype=torch.bool)
-    positions = past.sum(1, keepdim=True) + torch.arange(width)[None]
-    mask = torch.cat([past, new], 1).long()
+    if trees is None:
+        positions = past.sum(1, keepdim=True) + torch.arange(width)[None]
+        mask = torch.cat([past, new], 1).long()
+    else:
+        positions = past.sum(1, keepdim=True) + tree_offsets(trees, width)
+        mask = ragged_tree_mask(past, trees, width, target.model.dtype)
     device = target.device
     out = target.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                        position_ids=positions.to(device), cache=ragged.cache, use_cache=True,
                        output_hidden_states=need_hidden)
     return out.logits, out.hidden_states if need_hidden else None
+
+
+def tree_offsets(trees: "list[DraftTree]", width: int) -> torch.Tensor:
+    """Per row, each block slot's distance from the root (padding slots just count on)."""
+    offsets = torch.arange(width)[None].repeat(len(trees), 1)
+    for b, tree in enumerate(trees):
+        offsets[b, 1:len(tree) + 1] = torch.tensor(tree.depths, dtype=torch.long)
+    return offsets
+
+
+def ragged_tree_mask(past: torch.Tensor, trees: "list[DraftTree]", width: int, dtype) -> torch.Tensor:
+    """Additive [B, 1, width, slots + width]: each row's real past slots, then, inside the
+    block, the root and the node's own ancestors (padding slots see the past and themselves)."""
+    rows, slots = past.shape
+    allowed = torch.zeros(rows, width, slots + width, dtype=torch.bool)
+    allowed[:, :, :slots] = past[:, None, :]
+    allowed[:, torch.arange(width), slots + torch.arange(width)] = True
+    for b, tree in enumerate(trees):
+        allowed[b, 1:len(tree) + 1, slots] = True  # every node sees the root
+        for i in range(len(tree)):
+            node = tree.parents[i]
+            while node >= 0:
+                allowed[b, i + 1, slots + 1 + node] = True
+                node = tree.parents[node]
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
 
 
 def pad_id(target) -> int:
@@ -335,26 +367,33 @@ def check_batch(target, prompts: list[list[int]], max_new_tokens: int) -> None:
 
 def batch_generate(target, draft, prompts: list[list[int]], max_new_tokens: int = 128,
                    k: int | str = 6, temperature: float = 0.0, top_p: float = 1.0,
-                   seed: int | None = None, kmax: int = 8) -> Iterator[list[Step]]:
+                   seed: int | None = None, kmax: int = 8,
+                   tree: "TreeShape | str | None" = None) -> Iterator[list[Step]]:
     """Decode B prompts together; yield, per target forward, one Step for each live row.
 
     k="auto" picks the draft length every step from the measured verification cost of
     this batch size on this machine and the acceptance seen so far (see DraftBudget)."""
     check_decode_args(max_new_tokens, temperature, top_p, k)
     check_batch(target, prompts, max_new_tokens)
+    if isinstance(tree, str):
+        tree = TreeShape.parse(tree)
     generator = make_generator(seed, target.device)
     eos_ids = target.eos_ids
     rows = [BatchRow(i, p, max_new_tokens, draft.fork() if draft is not None else None)
             for i, p in enumerate(prompts)]
     need_hidden = draft is not None and draft.needs_hidden
-    budget = DraftBudget(target, len(rows), kmax) if k == "auto" and draft is not None else None
+    budget = DraftBudget(target, len(rows), kmax) if k == "auto" and draft is not None and tree is None else None
     ragged = RaggedCache()
     yield batch_prefill(target, ragged, rows, need_hidden, temperature, top_p, generator, eos_ids)
     index = 1
     while rows := [r for r in rows if not r.done]:
         step_k = budget.choose(len(rows)) if budget else (1 if k == "auto" else k)
-        steps = batch_step(target, ragged, rows, step_k, need_hidden, temperature, top_p,
-                           generator, eos_ids, index)
+        if tree is not None:
+            steps = batch_tree_step(target, ragged, rows, tree, need_hidden, temperature, top_p,
+                                    generator, eos_ids, index)
+        else:
+            steps = batch_step(target, ragged, rows, step_k, need_hidden, temperature, top_p,
+                               generator, eos_ids, index)
         if budget:
             budget.record(steps)
         index += 1
@@ -428,6 +467,50 @@ def batch_step(target, ragged, rows, k, need_hidden, temperature, top_p, generat
                           q_draft=draft_probs_of(q, drafted), draft_ms=draft_ms[b],
                           verify_ms=verify_ms, overhead_ms=(time.perf_counter() - t2) * 1e3,
                           row=row.row, tree_size=len(drafted), k=k))
+    ragged.append(block, keep_rows_of(rows))
+    return steps
+
+
+def batch_tree_step(target, ragged, rows, shape, need_hidden, temperature, top_p, generator, eos_ids,
+                    index) -> list[Step]:
+    """batch_step with a draft tree per row, all verified in one forward."""
+    trees, draft_ms = [], []
+    for row in rows:
+        t0 = time.perf_counter()
+        depth = min(shape.depth, row.budget - row.produced - 1)
+        tree = DraftTree([], [])
+        if row.draft is not None and depth > 0:
+            tree = row.draft.propose_tree(row.context, TreeShape(depth, shape.topk, shape.total),
+                                          temperature, top_p, generator)
+        trees.append(tree)
+        draft_ms.append((time.perf_counter() - t0) * 1e3)
+    t1 = time.perf_counter()
+    inputs = [[r.context[-1]] + t.tokens for r, t in zip(rows, trees)]
+    logits, hidden = ragged_forward(target, ragged, inputs, need_hidden, trees=trees)
+    verify_ms = (time.perf_counter() - t1) * 1e3
+    block = torch.zeros(logits.shape[:2], dtype=torch.bool)
+    steps = []
+    for b, (row, tree) in enumerate(zip(rows, trees)):
+        t2 = time.perf_counter()
+        row_logits = logits[b, :len(tree) + 1]
+        probs = logits_to_probs(row_logits, temperature, top_p) if temperature > 0 else None
+        path, bonus = (accept_tree_greedy(tree, row_logits) if temperature <= 0
+                       else accept_tree_sampling(tree, probs, generator))
+        kept = [0] + [i + 1 for i in path]
+        block[b, kept] = True  # slots in increasing order: the packed cache keeps the path in order
+        accepted = [tree.tokens[i] for i in path]
+        if row.draft is not None:
+            row.draft.observe([row.context[-1]] + accepted,
+                              None if hidden is None else tuple(h[b:b + 1, kept] for h in hidden))
+        emitted, _ = emit(accepted + [bonus], eos_ids, row.budget - row.produced)
+        row.take(emitted, eos_ids, len(emitted) < len(path) + 1)
+        stop = tree.children(path[-1] if path else -1)
+        drafted = accepted + ([tree.tokens[stop[0]]] if stop else [])
+        steps.append(Step(index=index, drafted=drafted, accepted=min(len(path), len(emitted)),
+                          bonus=bonus if len(emitted) == len(path) + 1 else None, emitted=emitted,
+                          q_draft=[1.0] * len(drafted), draft_ms=draft_ms[b], verify_ms=verify_ms,
+                          overhead_ms=(time.perf_counter() - t2) * 1e3, row=row.row,
+                          tree_size=len(tree), k=shape.depth))
     ragged.append(block, keep_rows_of(rows))
     return steps
 

@@ -94,8 +94,6 @@ def check_grid(grid: dict, path: str) -> None:
         bad = [v for v in values if not checks[key](v)]
         if bad:
             raise ScyllaError(f"{path}: impossible [grid] {key} value(s) {bad}")
-    if "tree" in grid and any(b > 1 for b in grid.get("batch", [1])):
-        raise ScyllaError(f"{path}: draft trees run at batch 1; drop `tree` or the batch sizes > 1")
     if "draft" not in grid and "tokens" not in grid:
         raise ScyllaError(f"{path}: the grid needs `tokens` (trained drafts) or `draft` (untrained kinds)")
 

@@ -12,21 +12,15 @@ from scylla import ScyllaError
 from scylla.decoding import (RaggedCache, batch_generate, batch_generate_ids, best_draft_length,
                              generate_ids)
 from scylla.drafts import LayerSkipDraft, NgramDraft
-from scylla.head import HeadDraft, save_head, load_head
-from scylla.train import make_head
 from tests.conftest import tiny_target
 from tests.test_engine import RandomDraft, exact_joint_23, one_thread, plain_greedy, random_prompt  # noqa: F401
-from tests.test_head import tiny_cfg
+from tests.test_head import head_draft
+from tests.test_tree import RandomTreeDraft
 
 
 def mixed_prompts(seed, n, longest=40):
     rng = random.Random(seed)
     return [random_prompt(rng, rng.randrange(1, longest)) for _ in range(n)]
-
-
-def head_draft(target, tmp_path):
-    save_head(make_head(target.model, tiny_cfg(), None, "tiny"), tmp_path / "head")
-    return HeadDraft(load_head(tmp_path / "head", target.model), "tiny")
 
 
 @pytest.mark.parametrize("kind", ["none", "ngram", "random", "layerskip", "head"])
@@ -41,6 +35,18 @@ def test_every_row_equals_its_plain_greedy_decoding(kind, k, tmp_path):
     for prompt, row, row_steps in zip(prompts, got, steps):
         assert row == plain_greedy(target, prompt, 24)
         assert all(len(s.drafted) <= (s.k if k == "auto" else k) for s in row_steps)
+
+
+@pytest.mark.parametrize("kind", ["ngram", "random-tree", "head"])
+def test_tree_rows_equal_their_plain_greedy_decoding(kind, tmp_path):
+    target = tiny_target()
+    draft = {"ngram": NgramDraft(), "random-tree": RandomTreeDraft(96, seed=5)}.get(kind) or head_draft(target, tmp_path)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, 12) for _ in range(rng.randrange(1, 40))] for _ in range(5)]
+    got, steps = batch_generate_ids(target, draft, prompts, max_new_tokens=24, tree="tree:4,3,10")
+    for prompt, row in zip(prompts, got):
+        assert row == plain_greedy(target, prompt, 24)
+    assert max(s.tree_size for r in steps for s in r) > 1
 
 
 def test_rows_stop_at_their_own_eos_and_leave_the_batch():
@@ -106,7 +112,8 @@ def test_draft_length_choice_follows_cost_and_acceptance():
     assert best_draft_length(0.8, flat_then_steep, 0.0) == 2
 
 
-def test_sampling_in_a_batch_is_lossless_per_row(one_thread):
+@pytest.mark.parametrize("shape", ["chain", "tree"])
+def test_sampling_in_a_batch_is_lossless_per_row(shape, one_thread):
     """Chi-square of each row's (x2, x3) against its exact distribution, rows of different
     lengths decoded together (alpha = 0.001 per row, fixed seeds)."""
     vocab = 6
@@ -115,9 +122,11 @@ def test_sampling_in_a_batch_is_lossless_per_row(one_thread):
     prompts = [[1, 2, 3], [4, 5]]
     n = 1000
     counts = [np.zeros((vocab, vocab)) for _ in prompts]
-    draft = LayerSkipDraft(target, 1)
+    draft = LayerSkipDraft(target, 1) if shape == "chain" else RandomTreeDraft(vocab, seed=4)
+    tree = "tree:2,2,6" if shape == "tree" else None
     for i in range(n):
-        out, _ = batch_generate_ids(target, draft, prompts, max_new_tokens=3, k=2, temperature=1.0, seed=i)
+        out, _ = batch_generate_ids(target, draft, prompts, max_new_tokens=3, k=2, temperature=1.0, seed=i,
+                                    tree=tree)
         for row, ids in enumerate(out):
             counts[row][ids[1], ids[2]] += 1
     for row, prompt in enumerate(prompts):

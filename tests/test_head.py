@@ -22,6 +22,12 @@ def tiny_cfg(**kw):
     return TrainConfig(**(base | kw))
 
 
+def head_draft(target, tmp_path):
+    """An untrained head saved and loaded as a draft (exercises the real loading path)."""
+    save_head(make_head(target.model, tiny_cfg(), None, "tiny"), tmp_path / "head")
+    return HeadDraft(load_head(tmp_path / "head", target.model), "tiny")
+
+
 def feature_seqs(target, n=24, length=40, seed=0):
     rng = random.Random(seed)
     layers = stored_layers(target.model.config.num_hidden_layers)

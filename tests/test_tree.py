@@ -12,7 +12,7 @@ from scylla import ScyllaError
 from scylla.decoding import DraftTree, TreeShape, generate_ids, target_forward, tree_attention
 from scylla.drafts import Draft, LayerSkipDraft, NgramDraft, trie_of
 from tests.conftest import tiny_target
-from tests.test_batch import head_draft
+from tests.test_head import head_draft
 from tests.test_engine import RandomDraft, exact_joint_23, one_thread, plain_greedy, random_prompt  # noqa: F401
 
 
