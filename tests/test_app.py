@@ -276,6 +276,19 @@ def test_live_page_streams_both_sides_with_charts(tiny_live):
     assert len([m for m in at.markdown if "scylla-transcript" in m.value]) == 2
 
 
+def test_live_page_decodes_with_a_draft_tree(tiny_live):
+    at = app("pages/1_Live_decoding.py")
+    at.selectbox(key="draft_kind").set_value("layerskip").run()
+    at.number_input(key="skip_layers").set_value(1)
+    at.radio(key="shape").set_value("tree").run()
+    at.slider(key="tree_depth").set_value(3)
+    at.slider(key="tree_total").set_value(8)
+    at.slider(key="max_tokens").set_value(16)
+    at.button(key="generate").click().run()
+    assert not at.exception and not at.error, messages(at.error)
+    assert ("tokens", "16") in [(m.label, m.value) for m in at.metric]
+
+
 @pytest.mark.parametrize("prompt, expected", [("   ", "empty"), ("x" * 5000, "too long")])
 def test_live_page_rejects_bad_prompts(tiny_live, prompt, expected):
     at = app("pages/1_Live_decoding.py")
