@@ -328,10 +328,7 @@ def ragged_tree_mask(past: torch.Tensor, trees: "list[DraftTree]", width: int, d
     for b, tree in enumerate(trees):
         allowed[b, 1:len(tree) + 1, slots] = True  # every node sees the root
         for i in range(len(tree)):
-            node = tree.parents[i]
-            while node >= 0:
-                allowed[b, i + 1, slots + 1 + node] = True
-                node = tree.parents[node]
+            allowed[b, i + 1, [slots + 1 + a for a in tree.lineage(i)]] = True
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
 
@@ -504,8 +501,7 @@ def batch_tree_step(target, ragged, rows, shape, need_hidden, temperature, top_p
                               None if hidden is None else tuple(h[b:b + 1, kept] for h in hidden))
         emitted, _ = emit(accepted + [bonus], eos_ids, row.budget - row.produced)
         row.take(emitted, eos_ids, len(emitted) < len(path) + 1)
-        stop = tree.children(path[-1] if path else -1)
-        drafted = accepted + ([tree.tokens[stop[0]]] if stop else [])
+        drafted = tree.drafted_along(path)
         steps.append(Step(index=index, drafted=drafted, accepted=min(len(path), len(emitted)),
                           bonus=bonus if len(emitted) == len(path) + 1 else None, emitted=emitted,
                           q_draft=[1.0] * len(drafted), draft_ms=draft_ms[b], verify_ms=verify_ms,
@@ -646,6 +642,20 @@ class DraftTree:
     def chain(cls, tokens: list[int]) -> "DraftTree":
         return cls(list(tokens), list(range(-1, len(tokens) - 1)))
 
+    def lineage(self, node: int) -> list[int]:
+        """The node and its ancestors, up to (not including) the root."""
+        out = []
+        while node >= 0:
+            out.append(node)
+            node = self.parents[node]
+        return out
+
+    def drafted_along(self, path: list[int]) -> list[int]:
+        """What a Step records as drafted: the accepted path, then the draft's best guess
+        where verification stopped (so per-position acceptance counts the miss)."""
+        stop = self.children(path[-1] if path else -1)
+        return [self.tokens[i] for i in path] + ([self.tokens[stop[0]]] if stop else [])
+
     def children(self, node: int) -> list[int]:
         return [i for i, p in enumerate(self.parents) if p == node]
 
@@ -659,10 +669,7 @@ def tree_attention(tree: DraftTree, past: int, dtype) -> torch.Tensor:
     allowed = torch.zeros(width, past + width, dtype=torch.bool)
     allowed[:, :past + 1] = True
     for i in range(len(tree)):
-        node = i
-        while node >= 0:
-            allowed[i + 1, past + 1 + node] = True
-            node = tree.parents[node]
+        allowed[i + 1, [past + 1 + a for a in tree.lineage(i)]] = True
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
 
@@ -745,9 +752,7 @@ def tree_step(target, draft, cache, context, budget, shape: TreeShape, temperatu
         rows = [0] + [i + 1 for i in path]
         draft.observe([context[-1]] + accepted, None if hidden is None else tuple(h[:, rows] for h in hidden))
     emitted, _ = emit(accepted + [bonus], eos_ids, budget)
-    # the drafted record: the accepted path, then the draft's best guess where it stopped
-    stop = tree.children(path[-1] if path else -1)
-    drafted = accepted + ([tree.tokens[stop[0]]] if stop else [])
+    drafted = tree.drafted_along(path)
     at = [0] + [i + 1 for i in path]  # block row whose logits judged each drafted token
     shown = [float(torch.softmax(logits[at[j]].float(), -1)[tok]) for j, tok in enumerate(drafted)]
     return Step(index=index, drafted=drafted, accepted=min(len(path), len(emitted)),
