@@ -9,7 +9,7 @@ from scylla import ScyllaError
 from scylla.corpus import corpus_path, read_corpus
 from scylla.data import corpus_key, extract_features, load_feature_sequences
 from scylla.models import cache_root, load_target
-from scylla.train import TrainConfig, stored_layers, train_head
+from scylla.train import TrainConfig, stored_layers, train_head, training_row
 
 CORPORA = {"mix": ["selfdistill-960-s1", "stdlib-chat"], "selfdistill": ["selfdistill-960-s1"],
            "stdlib": ["stdlib-chat"]}
@@ -74,6 +74,5 @@ def train_draft_from_args(args) -> dict:
     record["corpus"] = args.corpus
     if args.db:
         from scylla.store import insert_training
-        row = {k: v for k, v in record.items() if k != "unique_tokens"}  # a log figure, not a column
-        insert_training(args.db, {**row, "target": target.name, "command": "scylla train-draft"})
+        insert_training(args.db, {**training_row(record), "target": target.name, "command": "scylla train-draft"})
     return record

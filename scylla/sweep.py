@@ -183,7 +183,7 @@ def ensure_draft(cfg: SweepConfig, point: dict, target) -> tuple[Path, dict | No
     """Train the point's draft unless a finished one is cached; return (folder, new record)."""
     from scylla.data import load_feature_sequences
     from scylla.pipeline import ensure_features
-    from scylla.train import TrainConfig, train_head
+    from scylla.train import TrainConfig, train_head, training_row
 
     folder = draft_folder(cfg, point)
     if (folder / "training.json").is_file():
@@ -194,10 +194,9 @@ def ensure_draft(cfg: SweepConfig, point: dict, target) -> tuple[Path, dict | No
                        seed=t.get("seed", 0), lr=t.get("lr", 1e-3), kind="scylla-sweep")
     seqs = load_feature_sequences(ensure_features(target, t.get("corpus", "mix")))
     record = train_head(target, seqs, tcfg, folder, target.name)
-    record.update({"target": target.name, "corpus": t.get("corpus", "mix"),
-                   "command": f"scylla sweep ({cfg.name})"})
-    record.pop("unique_tokens", None)
-    return folder, record
+    row = {**training_row(record), "target": target.name, "corpus": t.get("corpus", "mix"),
+           "command": f"scylla sweep ({cfg.name})"}
+    return folder, row
 
 
 def report_rows(cfg: SweepConfig, point: dict, report: dict, spec: str, config_path: str) -> list[dict]:

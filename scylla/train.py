@@ -292,3 +292,9 @@ def run_batch(items, head, optimizer, schedule, accelerator, t2d, cfg, cols, see
     bar.update(positions)
     bar.set_postfix(loss=f"{float(loss):.3f}", top1=f"{acc:.2f}")
     return seen + positions, step + 1
+
+
+def training_row(record: dict) -> dict:
+    """A training record as a row of the store's trainings table (unique_tokens is a log
+    figure kept in training.json, not a column)."""
+    return {k: v for k, v in record.items() if k != "unique_tokens"}
