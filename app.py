@@ -1,7 +1,7 @@
 """Scylla Studio: overview and navigation. Run with `streamlit run app.py`."""
 import streamlit as st
 
-from scylla import ScyllaError, live, studio
+from scylla import ScyllaError, live, plots, studio
 
 PAGES_DIR = "pages"
 
@@ -66,6 +66,9 @@ def overview() -> None:
             elif counts.get("runs", 0) == 0:
                 st.info("No measured runs yet: the Scaling laws page starts on the published "
                         "reference figures (e.g. EAGLE-3 throughput vs batch size in SGLang).")
+            runs = store.runs_frame(str(db))
+            if len(runs):
+                st.plotly_chart(plots.runs_overview_figure(runs), width="stretch", key="runs_overview")
             with st.expander("Store details"):
                 st.json(summary)
 

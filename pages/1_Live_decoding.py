@@ -147,12 +147,14 @@ if go_clicked:
         waiting = slots["plain"]["text"]
         with live.generation_slot(on_wait=lambda: waiting.info(
                 "Another session is generating on the shared model; yours starts when it ends.")):
+            shared = live.shared_prefill(target, draft, prompt_ids)
             plain_steps = plain_generate(target, prompt_ids, int(max_tokens), temperature, top_p,
-                                         seed=gen_seed)
+                                         seed=gen_seed, shared_prefill=shared)
             spec_steps = speculative_generate(target, draft, prompt_ids, int(max_tokens), int(k),
                                               temperature, top_p, seed=gen_seed,
-                                              tree=live.tree_spec(shape, depth, topk, total))
-            for side, step, seconds in live.race(plain_steps, spec_steps):
+                                              tree=live.tree_spec(shape, depth, topk, total),
+                                              shared_prefill=shared)
+            for side, step, seconds in live.race(plain_steps, spec_steps, shared.verify_ms / 1e3):
                 result[side].add(step, seconds)
                 render(result)
     except ScyllaError as exc:

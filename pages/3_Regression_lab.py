@@ -88,7 +88,5 @@ with c2.expander("statsmodels summary", expanded=False):
     st.code(out["summary"], language=None)
 
 st.subheader("Diagnostics")
-d1, d2 = st.columns(2)
-d1.plotly_chart(plots.residual_figure(out["fitted"], out["residuals"]), width="stretch",
-                key="resid_chart")
-d2.plotly_chart(plots.qq_figure(out["residuals"]), width="stretch", key="qq_chart")
+st.plotly_chart(plots.diagnostics_figure(out["fitted"], out["residuals"]), width="stretch",
+                key="diagnostics_chart")

@@ -8,8 +8,10 @@ from norm(max(0, p - q)), and take a bonus token from p when all are accepted.
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -133,32 +135,66 @@ def make_generator(seed: int | None, device: str) -> torch.Generator | None:
     return gen
 
 
-def prefill(target, draft, prompt_ids, temperature, top_p, generator):
-    """One forward over the prompt; returns the cache, the first token and its Step."""
+@dataclass
+class PromptPrefill:
+    """One target forward over a prompt. Decoders of the same prompt can share it (the live
+    page runs plain and speculative decoding side by side): each takes a copy of the cache,
+    and each is charged the measured prefill time."""
+
+    prompt_ids: list[int]
+    cache: DynamicCache
+    last_logits: torch.Tensor
+    hidden: tuple | None
+    verify_ms: float
+
+
+def prefill_prompt(target, prompt_ids: list[int], need_hidden: bool) -> PromptPrefill:
     cache = DynamicCache()
     start = time.perf_counter()
-    logits, hidden = target_forward(target, prompt_ids, cache, draft is not None and draft.needs_hidden)
+    logits, hidden = target_forward(target, prompt_ids, cache, need_hidden)
     verify_ms = (time.perf_counter() - start) * 1e3
+    return PromptPrefill(list(prompt_ids), cache, logits[-1:], hidden, verify_ms)
+
+
+def check_shared_prefill(shared: PromptPrefill, prompt_ids: list[int], need_hidden: bool) -> None:
+    if shared.prompt_ids != list(prompt_ids):
+        raise ScyllaError("the shared prefill is of another prompt")
+    if need_hidden and shared.hidden is None:
+        raise ScyllaError("the shared prefill has no hidden states, and the draft needs them")
+
+
+def prefill(target, draft, prompt_ids, temperature, top_p, generator, shared: PromptPrefill | None = None):
+    """The prompt's forward (or a copy of a shared one); returns the cache, the first token
+    and the prefill's milliseconds."""
+    need_hidden = draft is not None and draft.needs_hidden
+    if shared is None:
+        state = prefill_prompt(target, prompt_ids, need_hidden)
+        cache = state.cache
+    else:
+        check_shared_prefill(shared, prompt_ids, need_hidden)
+        state, cache = shared, copy.deepcopy(shared.cache)
     if draft is not None:
-        draft.observe(prompt_ids, hidden)
-    probs = logits_to_probs(logits[-1:], temperature, top_p)[0]
-    first = int(logits[-1].argmax()) if temperature <= 0 else sample(probs, generator)
-    return cache, first, verify_ms
+        draft.observe(prompt_ids, state.hidden)
+    probs = logits_to_probs(state.last_logits, temperature, top_p)[0]
+    first = int(state.last_logits[-1].argmax()) if temperature <= 0 else sample(probs, generator)
+    return cache, first, state.verify_ms
 
 
 def plain_generate(target, prompt_ids: list[int], max_new_tokens: int = 128,
                    temperature: float = 0.0, top_p: float = 1.0,
-                   seed: int | None = None) -> Iterator[Step]:
+                   seed: int | None = None, shared_prefill: PromptPrefill | None = None) -> Iterator[Step]:
     """Plain autoregressive decoding with a KV cache, one Step per token (for streaming UIs)."""
     yield from speculative_generate(target, None, prompt_ids, max_new_tokens, 1,
-                                    temperature, top_p, seed)
+                                    temperature, top_p, seed, shared_prefill=shared_prefill)
 
 
 def speculative_generate(target, draft, prompt_ids: list[int], max_new_tokens: int = 128,
                          k: int | str = 6, temperature: float = 0.0, top_p: float = 1.0,
-                         seed: int | None = None, tree: "TreeShape | str | None" = None) -> Iterator[Step]:
+                         seed: int | None = None, tree: "TreeShape | str | None" = None,
+                         shared_prefill: PromptPrefill | None = None) -> Iterator[Step]:
     """Yield one Step per target forward (the prefill first) as tokens are accepted.
-    With `tree` (a TreeShape or 'tree:D,K,N') each step verifies a draft tree instead of a chain."""
+    With `tree` (a TreeShape or 'tree:D,K,N') each step verifies a draft tree instead of a chain.
+    With `shared_prefill` the prompt's forward is copied from it instead of run again."""
     check_decode_args(max_new_tokens, temperature, top_p, k)
     if isinstance(tree, str):
         tree = TreeShape.parse(tree)
@@ -167,7 +203,7 @@ def speculative_generate(target, draft, prompt_ids: list[int], max_new_tokens: i
     eos_ids = target.eos_ids
     if draft is not None:
         draft.reset()
-    cache, cur, verify_ms = prefill(target, draft, prompt_ids, temperature, top_p, generator)
+    cache, cur, verify_ms = prefill(target, draft, prompt_ids, temperature, top_p, generator, shared_prefill)
     emitted, done = emit([cur], eos_ids, max_new_tokens)
     yield Step(index=0, drafted=[], accepted=0, bonus=cur, emitted=emitted, verify_ms=verify_ms)
     context = list(prompt_ids) + emitted

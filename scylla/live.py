@@ -154,23 +154,28 @@ def generation_slot(timeout_s: float = 300.0, on_wait=None):
 
 # ---------------------------------------------------------------- racing
 
-def timed(steps: Iterable[Step]) -> Iterator[tuple[Step, float]]:
-    """Each step with the wall seconds the engine spent producing it (rendering excluded)."""
+def timed(steps: Iterable[Step], head_start_s: float = 0.0) -> Iterator[tuple[Step, float]]:
+    """Each step with the wall seconds the engine spent producing it (rendering excluded);
+    head_start_s (a prefill computed before, shared) is charged to the first step."""
     it = iter(steps)
+    extra = head_start_s
     while True:
         start = time.perf_counter()
         try:
             step = next(it)
         except StopIteration:
             return
-        yield step, time.perf_counter() - start
+        yield step, time.perf_counter() - start + extra
+        extra = 0.0
 
 
-def race(plain: Iterable[Step], speculative: Iterable[Step]) -> Iterator[tuple[str, Step, float]]:
+def race(plain: Iterable[Step], speculative: Iterable[Step],
+         shared_prefill_s: float = 0.0) -> Iterator[tuple[str, Step, float]]:
     """Interleave two decoders on one compute clock: always advance the one that has used
     less engine time so far. What is on screen at any moment is what each produced in the
-    same compute time, so the visible race matches the measured speedup."""
-    its = {"plain": timed(plain), "speculative": timed(speculative)}
+    same compute time, so the visible race matches the measured speedup. A prefill the two
+    share (shared_prefill_s) is computed once but charged to both."""
+    its = {"plain": timed(plain, shared_prefill_s), "speculative": timed(speculative, shared_prefill_s)}
     clock = {name: 0.0 for name in its}
     while its:
         side = min(its, key=lambda name: clock[name])
@@ -181,6 +186,14 @@ def race(plain: Iterable[Step], speculative: Iterable[Step]) -> Iterator[tuple[s
             continue
         clock[side] += seconds
         yield side, step, seconds
+
+
+def shared_prefill(target, draft, prompt_ids: list[int]):
+    """The prompt's forward once for both sides of the race (with the hidden states the
+    draft reads), so both show their first token after one prefill, not two."""
+    from scylla.decoding import prefill_prompt
+
+    return prefill_prompt(target, prompt_ids, draft is not None and draft.needs_hidden)
 
 
 # ---------------------------------------------------------------- transcript

@@ -128,6 +128,24 @@ def qq_figure(residuals: Sequence[float], title: str = "Normal Q-Q") -> go.Figur
     return _layout(fig, title, "theoretical quantile", "sample quantile")
 
 
+def diagnostics_figure(fitted: Sequence[float], residuals: Sequence[float],
+                       title: str = "Diagnostics") -> go.Figure:
+    """Residuals vs fitted and the normal Q-Q plot side by side, in one figure (one chart
+    renders faster than two in the browser)."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Residuals vs fitted", "Normal Q-Q"),
+                        horizontal_spacing=0.12)
+    for trace in residual_figure(fitted, residuals).data:
+        fig.add_trace(trace, row=1, col=1)
+    for trace in qq_figure(residuals).data:
+        fig.add_trace(trace.update(showlegend=trace.name == "normal line"), row=1, col=2)
+    fig.add_hline(y=0, line=dict(color=COLORS["fit"], dash="dash"), row=1, col=1)
+    _layout(fig, title, "fitted", "residual")
+    fig.update_xaxes(title_text="theoretical quantile", row=1, col=2)
+    return fig.update_yaxes(title_text="sample quantile", row=1, col=2)
+
+
 def coefficient_figure(table: pd.DataFrame, title: str = "Coefficients (95% CI)") -> go.Figure:
     """table: index = term, columns coef, ci_low, ci_high."""
     fig = go.Figure(go.Scatter(
@@ -206,6 +224,31 @@ def draft_category_figure(runs: pd.DataFrame, metric: str = "tau",
                                  marker_color=GROUP_COLORS[i % len(GROUP_COLORS)]))
     fig.update_layout(barmode="group")
     return _layout(fig, title or f"{metric} by category and draft", "category", metric)
+
+
+def runs_overview_figure(runs: pd.DataFrame, title: str = "Every stored run: speedup against tau") -> go.Figure:
+    """One point per run (all categories pooled), coloured by draft; speedup = 1 marked.
+    A speedup can never exceed tau, so the gap to the diagonal is what the draft costs."""
+    fig = go.Figure()
+    frame = runs if not len(runs) or "category" not in runs else runs[runs["category"].fillna("all") == "all"]
+    frame = frame.dropna(subset=["tau", "speedup"]) if len(frame) else frame
+    if len(frame):
+        for i, (draft, g) in enumerate(frame.groupby(frame["draft"].fillna("none").map(short_draft), sort=True)):
+            fig.add_trace(go.Scatter(x=g["tau"], y=g["speedup"], mode="markers", name=str(draft),
+                                     marker=dict(color=GROUP_COLORS[i % len(GROUP_COLORS)], size=9),
+                                     text=g["shape"].astype(str) + ", batch " + g["batch"].astype(str)
+                                     + ", T " + g["temperature"].astype(str),
+                                     hovertemplate="tau %{x:.3f}<br>speedup %{y:.2f}<br>%{text}"))
+        top = float(max(frame["tau"].max(), 1.0))
+        fig.add_trace(go.Scatter(x=[1.0, top], y=[1.0, top], mode="lines", name="speedup = tau",
+                                 line=dict(color="#888", dash="dot")))
+        fig.add_hline(y=1.0, line=dict(color="#bbb", dash="dash"))
+    return _layout(fig, title, "tau (tokens per target forward)", "speedup over plain decoding")
+
+
+def short_draft(draft: str) -> str:
+    """Sweep drafts live in cache folders: show the folder name, not the whole path."""
+    return str(draft).rstrip("/").rsplit("/", 1)[-1]
 
 
 def log_grid(x_min: float, x_max: float, n: int = 60) -> np.ndarray:

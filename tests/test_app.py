@@ -150,6 +150,12 @@ def test_overview_shows_store_counts_and_links(ref_db):
     assert len(links) == 4 and any("Scaling_laws" in p for p in links)
 
 
+def test_overview_plots_every_stored_run(runs_db):
+    at = app("app.py")
+    assert not at.exception
+    assert any('"speedup = tau"' in spec for spec in chart_specs(at))
+
+
 def test_overview_without_a_store(tmp_path, monkeypatch):
     monkeypatch.setenv("SCYLLA_DB", str(tmp_path / "missing.duckdb"))
     at = app("app.py")
@@ -210,7 +216,7 @@ def test_laws_page_empty_selection_says_so(runs_db):
 
 def test_lab_refuses_drop_table_and_runs_a_select(runs_db):
     at = app("pages/3_Regression_lab.py")
-    assert len(at.get("plotly_chart")) >= 3     # default query + formula: coef, residuals, QQ
+    assert len(at.get("plotly_chart")) == 2     # default query + formula: coefficients; residuals and QQ
     at.text_area(key="sql").set_value("DROP TABLE runs")
     at.button(key="run_sql").click().run()
     assert not at.exception

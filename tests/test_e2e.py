@@ -165,7 +165,7 @@ def test_regression_lab_refuses_drop_and_runs_select(page, streamlit_server):
     page.get_by_text("Result: 17 rows").wait_for()
     check_no_exception(page)
     assert not [a for a in alerts(page) if "refused" in a], alerts(page)
-    assert page.locator('[data-testid="stPlotlyChart"]').count() >= 3
+    assert page.locator('[data-testid="stPlotlyChart"]').count() == 2   # coefficients; diagnostics
 
 
 def test_runs_and_sweeps(page, streamlit_server):

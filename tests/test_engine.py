@@ -212,3 +212,34 @@ def test_greedy_sampling_at_t0_matches_steps_stream():
         assert len(step.p_draft) == len(step.drafted) == len(step.q_draft)
         streamed += step.emitted
     assert streamed == plain_greedy(target, prompt, 20)
+
+
+def run_steps(target, draft, prompt, **kwargs):
+    return [(s.drafted, s.emitted) for s in speculative_generate(target, draft, prompt, **kwargs)]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_shared_prefill_decodes_exactly_as_an_own_prefill(temperature):
+    from scylla.decoding import prefill_prompt
+
+    target = tiny_target()
+    prompt = [4, 5, 6, 7, 4, 5, 6]
+    kwargs = dict(max_new_tokens=16, k=3, temperature=temperature, seed=7)
+    own = run_steps(target, NgramDraft(), prompt, **kwargs)
+    shared = prefill_prompt(target, prompt, need_hidden=False)
+    before = shared.cache.layers[0].keys.clone()
+    # twice from one shared prefill: each decoder copies the cache, none writes into it
+    assert run_steps(target, NgramDraft(), prompt, shared_prefill=shared, **kwargs) == own
+    assert run_steps(target, None, prompt, shared_prefill=shared, max_new_tokens=16, k=1,
+                     temperature=temperature, seed=7) == run_steps(target, None, prompt, max_new_tokens=16,
+                                                                   k=1, temperature=temperature, seed=7)
+    assert torch.equal(shared.cache.layers[0].keys, before)
+
+
+def test_a_shared_prefill_of_another_prompt_is_refused():
+    from scylla.decoding import prefill_prompt
+
+    target = tiny_target()
+    shared = prefill_prompt(target, [4, 5, 6], need_hidden=False)
+    with pytest.raises(ScyllaError, match="another prompt"):
+        next(speculative_generate(target, NgramDraft(), [4, 5, 7], max_new_tokens=4, shared_prefill=shared))

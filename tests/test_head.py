@@ -115,3 +115,18 @@ def test_mismatched_target_and_corrupt_files_are_refused(tmp_path):
 def test_bad_training_config_is_refused(bad):
     with pytest.raises(ScyllaError):
         check_train_config(tiny_cfg(**bad))
+
+
+def test_head_draft_with_a_shared_prefill_matches_its_own_prefill(tmp_path):
+    from scylla.decoding import prefill_prompt, speculative_generate
+
+    target = tiny_target()
+    draft = head_draft(target, tmp_path)
+    prompt = [5, 9, 11, 13, 5, 9]
+    own = [s.emitted for s in speculative_generate(target, draft, prompt, max_new_tokens=12, k=3)]
+    with pytest.raises(ScyllaError, match="hidden states"):
+        bare = prefill_prompt(target, prompt, need_hidden=False)
+        next(speculative_generate(target, draft, prompt, max_new_tokens=12, k=3, shared_prefill=bare))
+    shared = prefill_prompt(target, prompt, need_hidden=True)
+    assert [s.emitted for s in speculative_generate(target, draft, prompt, max_new_tokens=12, k=3,
+                                                    shared_prefill=shared)] == own

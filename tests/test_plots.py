@@ -59,6 +59,13 @@ def test_residual_and_qq_figures():
     assert names(plots.qq_figure([1.0])) == []  # too few points: an empty figure, no error
 
 
+def test_diagnostics_figure_holds_residuals_and_qq_in_one_chart():
+    fig = plots.diagnostics_figure([1.0, 2.0, 3.0, 4.0], [0.1, -0.2, 0.05, 0.05])
+    assert [t.xaxis for t in fig.data] == ["x", "x2", "x2"]
+    assert list(fig.data[0].y) == [0.1, -0.2, 0.05, 0.05]
+    assert fig.layout.xaxis.title.text == "fitted" and fig.layout.xaxis2.title.text == "theoretical quantile"
+
+
 def test_coefficient_figure():
     table = pd.DataFrame({"coef": [1.0, -0.2], "ci_low": [0.8, -0.3], "ci_high": [1.2, -0.1]},
                          index=["Intercept", "np.log(x)"])
@@ -86,6 +93,17 @@ def test_draft_category_figure():
     fig = plots.draft_category_figure(runs, "tau")
     assert names(fig) == ["ngram", "scylla"]
     assert names(plots.draft_category_figure(runs.iloc[0:0], "tau")) == []
+
+
+def test_runs_overview_figure_pools_categories_and_names_drafts():
+    runs = pd.DataFrame({"draft": ["ngram", "ngram", "/c/drafts/sweep-ab12", "scylla"],
+                         "category": ["all", "qa", "all", "all"], "tau": [1.1, 1.4, 1.2, 1.3],
+                         "speedup": [1.0, 1.2, 0.5, 0.6], "shape": ["chain:4"] * 4, "batch": [1] * 4,
+                         "temperature": [0.0] * 4})
+    fig = plots.runs_overview_figure(runs)
+    assert names(fig) == ["ngram", "scylla", "sweep-ab12", "speedup = tau"]
+    assert list(fig.data[0].y) == [1.0]      # the per-category row is not a run of its own
+    assert names(plots.runs_overview_figure(runs.iloc[0:0])) == []
 
 
 def test_log_grid():

@@ -79,7 +79,7 @@ def test_escape_text_keeps_markdown_latex_and_html_literal():
 
 
 def test_race_advances_the_side_with_less_engine_time(monkeypatch):
-    def fake_timed(items):
+    def fake_timed(items, head_start_s=0.0):
         for step, seconds in items:
             yield step, seconds
 
@@ -98,6 +98,14 @@ def test_timed_measures_each_step():
 
     out = list(live.timed(slow()))
     assert [s for s, _ in out] == ["a", "b"] and out[0][1] >= 0.015
+
+
+def test_a_shared_prefill_is_charged_to_the_first_step_of_each_side():
+    out = list(live.timed(iter(["a", "b"]), head_start_s=0.5))
+    assert out[0][1] >= 0.5 and out[1][1] < 0.5
+    sides = list(live.race(iter(["p0", "p1"]), iter(["s0"]), shared_prefill_s=0.25))
+    firsts = {side: seconds for side, step, seconds in sides if step in ("p0", "s0")}
+    assert firsts["plain"] >= 0.25 and firsts["speculative"] >= 0.25
 
 
 def test_generation_slot_serialises_sessions():

@@ -1,0 +1,162 @@
+"""Time every page of the app in a real headless Chromium against `streamlit run`.
+
+Usage: python scripts/bench_pages.py [--repeats 3] [--json OUT]
+
+For each page: "cold" is the first visit after the server starts (imports, first
+store read); "warm" is the median of later visits by sidebar navigation from the
+overview (what a user does: the Streamlit frontend stays loaded) and "reload" the
+median of full page loads. A page counts as rendered when its title is visible and
+the script run is over. Then the live page's time to the first token on each side,
+from the click on Generate, with the default (scylla) and the n-gram draft: the first
+run loads the target, the later ones (median) are what a user sees after that.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+IDLE_JS = ("() => document.querySelector('[data-testid=\"stApp\"]')"
+           "?.getAttribute('data-test-script-state') === 'notRunning'")
+PAGES = [("overview", "/", "Overview"), ("live", "/Live_decoding", "Live decoding"),
+         ("laws", "/Scaling_laws", "Scaling laws"), ("lab", "/Regression_lab", "Regression lab"),
+         ("runs", "/Runs_and_sweeps", "Runs and sweeps")]
+READY = '[data-testid="stMainBlockContainer"] h1'
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(db: Path, port: int) -> subprocess.Popen:
+    env = dict(os.environ, SCYLLA_DB=str(db), TRANSFORMERS_VERBOSITY="error")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+                             "--server.port", str(port), "--server.address", "127.0.0.1",
+                             "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("streamlit did not start")
+
+
+def settle(page) -> float:
+    start = time.perf_counter()
+    page.locator(READY).first.wait_for(state="visible", timeout=300_000)
+    page.wait_for_function(IDLE_JS, timeout=300_000)
+    return time.perf_counter() - start
+
+
+def visit(page, base: str, path: str) -> float:
+    start = time.perf_counter()
+    page.goto(base + path)
+    settle(page)
+    return time.perf_counter() - start
+
+
+def navigate(page, label: str) -> float:
+    start = time.perf_counter()
+    page.locator('[data-testid="stSidebarNav"] a', has_text=label).first.click()
+    page.wait_for_timeout(50)
+    settle(page)
+    return time.perf_counter() - start
+
+
+def choose(page, label: str, option: str) -> None:
+    box = page.locator('[data-testid="stSelectbox"]').filter(has=page.get_by_text(label, exact=True))
+    box.first.click()
+    page.get_by_role("option", name=option, exact=True).click()
+    page.wait_for_function(IDLE_JS, timeout=60_000)
+
+
+def first_tokens(page) -> dict:
+    """Click Generate; seconds to the first token on each side and to the end of the run."""
+    page.evaluate("() => document.querySelectorAll('.scylla-transcript')"
+                  ".forEach(e => e.setAttribute('data-old', '1'))")
+    start = time.perf_counter()
+    page.get_by_role("button", name="Generate").click()
+    fresh = page.locator(".scylla-transcript:not([data-old])")
+    fresh.nth(0).locator(".scylla-tok").first.wait_for(timeout=600_000)
+    plain = time.perf_counter() - start
+    fresh.nth(1).locator(".scylla-tok").first.wait_for(timeout=600_000)
+    spec = time.perf_counter() - start
+    page.get_by_text("Time to first token").wait_for(timeout=600_000)
+    page.wait_for_function(IDLE_JS, timeout=600_000)
+    return {"plain": plain, "speculative": spec, "done": time.perf_counter() - start}
+
+
+def live_first_tokens(page, base: str, repeats: int) -> dict:
+    out = {}
+    visit(page, base, "/Live_decoding")
+    for draft in ("scylla", "ngram"):
+        choose(page, "Draft", draft)
+        runs = [first_tokens(page) for _ in range(repeats + (1 if not out else 0))]
+        if not out:
+            out["cold (loads the target)"] = runs.pop(0)
+        out[draft] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "results.duckdb"
+        db.write_bytes((ROOT / "results.duckdb").read_bytes())
+        port = free_port()
+        proc = start_server(db, port)
+        base = f"http://127.0.0.1:{port}"
+        result = {}
+        try:
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                for name, path, _ in PAGES:
+                    result[name] = {"cold": visit(page, base, path)}
+                for name, path, label in PAGES:
+                    result[name]["reload"] = statistics.median(visit(page, base, path) for _ in range(args.repeats))
+                for name, path, label in PAGES:
+                    warm = []
+                    for _ in range(args.repeats):
+                        visit(page, base, "/" if name != "overview" else "/Runs_and_sweeps")
+                        warm.append(navigate(page, label))
+                    result[name]["warm"] = statistics.median(warm)
+                ttft = live_first_tokens(page, base, args.repeats)
+                browser.close()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    print(f"{'page':10} {'cold s':>7} {'reload s':>9} {'warm s':>7}")
+    for name, t in result.items():
+        print(f"{name:10} {t['cold']:7.2f} {t['reload']:9.2f} {t['warm']:7.2f}")
+    print(f"\n{'live run':24} {'first plain s':>13} {'first spec s':>12} {'done s':>7}")
+    for name, t in ttft.items():
+        print(f"{name:24} {t['plain']:13.2f} {t['speculative']:12.2f} {t['done']:7.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"pages": result, "first_tokens": ttft}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
