@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompts", type=positive_int, default=960)
     c.add_argument("--max-new-tokens", type=positive_int, default=192)
     c.add_argument("--batch", type=positive_int, default=16)
+    c.add_argument("--seed", type=int, default=1, help="which generated prompt set (seed 1 is the original corpus)")
 
     t = sub.add_parser("train-draft", help="train an EAGLE-style Scylla draft head")
     t.add_argument("--name", default="scylla")
@@ -185,7 +186,7 @@ def cmd_build_corpus(args) -> int:
 
     target = load_target()
     print(build_code(target))
-    print(build_selfdistill(target, args.prompts, args.max_new_tokens, args.batch))
+    print(build_selfdistill(target, args.prompts, args.max_new_tokens, args.batch, seed=args.seed))
     return 0
 
 
@@ -211,6 +212,9 @@ def cmd_fit(args) -> int:
     if not args.csv and not (args.db and args.axis and args.metric):
         raise ScyllaError("fit needs --db with --axis and --metric, or --csv with --x and --y")
     result = fit_command(args)
+    for col, values in (result.get("mixed_settings") or {}).items():
+        print(f"scylla: warning: the fitted points mix {col} = {values}; add --filter {col}=VALUE "
+              "to fit one curve", file=sys.stderr)
     if not args.json:
         print(json.dumps(result, indent=2, default=float))
     return 0

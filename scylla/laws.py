@@ -544,6 +544,7 @@ def fit_command(args) -> dict:
            "shape": compare_shapes(law.x, law.y)}
     if ids:
         out["run_ids"] = ids
+        out["mixed_settings"] = mixed_settings(points, axis, filters)
     if db:
         out["law_id"], out["law_not_stored"] = _store_law(db, out)
     out = jsonable(out)
@@ -551,6 +552,24 @@ def fit_command(args) -> dict:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2, allow_nan=False)
     return out
+
+
+# Settings that change tau or speedup on their own: a law over points that differ in
+# one of them (besides its own axis) mixes two curves, e.g. T=0 and T=1 rows.
+SETTINGS = ("target", "quant", "temperature", "top_p", "shape", "k", "batch", "fusion",
+            "draft_vocab", "tokens", "layers", "prompt_set")
+
+
+def mixed_settings(points: pd.DataFrame, axis: str, filters: dict) -> dict:
+    """{column: distinct values} for each setting that varies among the fitted points."""
+    mixed = {}
+    for col in SETTINGS:
+        if col == axis or col in filters or col not in points:
+            continue
+        values = sorted(points[col].dropna().unique().tolist())
+        if len(values) > 1:
+            mixed[col] = values
+    return mixed
 
 
 def parse_filters(items: list[str]) -> dict:

@@ -155,6 +155,18 @@ def test_fit_db_stores_the_law(tmp_path):
     assert json.loads(stored.iloc[0]["selection"]) == out["points"]
     assert json.loads(stored.iloc[0]["filters"]) == {"layers": "1"}
     assert stored.iloc[0]["slope"] == out["slope"]
+    assert out["mixed_settings"] == {}
+
+
+def test_fit_db_reports_mixed_settings(tmp_path):
+    db = tmp_path / "r.duckdb"
+    runs = [{"tokens": t, "layers": 1, "temperature": temp, "tau": 1.0 + 0.1 * math.log(t) + temp,
+             "category": "all"} for t in (1024, 4096, 16384) for temp in (0.0, 1.0)]
+    store.write_runs_atomic(db, runs)
+    out = laws.fit_command(fit_args(db=str(db), axis="tokens", metric="tau"))
+    assert out["mixed_settings"] == {"temperature": [0.0, 1.0]}
+    out = laws.fit_command(fit_args(db=str(db), axis="tokens", metric="tau", filter=["temperature=0"]))
+    assert out["mixed_settings"] == {} and out["n"] == 3
 
 
 def test_fit_db_empty_selection_is_an_error(tmp_path):
