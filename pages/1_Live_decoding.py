@@ -81,6 +81,7 @@ chart_cols = st.columns(3)
 chart_slots = [c.empty() for c in chart_cols]
 grid_slot = st.empty()
 _render_count = [0]
+chart_throttle = live.Throttle()
 
 
 def render(result: dict, final: bool = False) -> None:
@@ -103,7 +104,7 @@ def render(result: dict, final: bool = False) -> None:
         st.caption(f"accept_rate {rate} · steps {stats['n_steps']} · "
                    f"draft {result['draft']} · k {result['k']}")
     slots["speculative"]["text"].markdown(spec.html(show_rejected), unsafe_allow_html=True)
-    if len(spec.steps) > 1 or final:
+    if final or (len(spec.steps) > 1 and chart_throttle.due()):
         _render_count[0] += 1
         n = _render_count[0]
         accepted = spec.accepted_lengths()

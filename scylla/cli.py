@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ttt", type=positive_int, default=3, help="training-time test unroll steps")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--corpus", default="mix", help="mix | selfdistill | code")
+    t.add_argument("--corpus", default="mix", help="mix | answers | selfdistill | stdlib")
     t.add_argument("--out", help="output folder (default: cache/drafts/NAME)")
     t.add_argument("--db", help="store the training record in this results.duckdb")
 

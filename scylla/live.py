@@ -188,6 +188,22 @@ def race(plain: Iterable[Step], speculative: Iterable[Step],
         yield side, step, seconds
 
 
+class Throttle:
+    """due() is True at most once per `every_s`. Redrawing three Plotly charts on every step
+    costs the browser far more than decoding the step, so the live page redraws them only
+    this often (and once more at the end); the text streams on every step."""
+
+    def __init__(self, every_s: float = 0.6, clock=time.monotonic):
+        self.every_s, self.clock, self.last = every_s, clock, None
+
+    def due(self) -> bool:
+        now = self.clock()
+        if self.last is not None and now - self.last < self.every_s:
+            return False
+        self.last = now
+        return True
+
+
 def shared_prefill(target, draft, prompt_ids: list[int]):
     """The prompt's forward once for both sides of the race (with the hidden states the
     draft reads), so both show their first token after one prefill, not two."""

@@ -11,22 +11,33 @@ from scylla.data import corpus_key, extract_features, load_feature_sequences
 from scylla.models import cache_root, load_target
 from scylla.train import TrainConfig, stored_layers, train_head, training_row
 
-CORPORA = {"mix": ["selfdistill-960-s1", "stdlib-chat"], "selfdistill": ["selfdistill-960-s1"],
-           "stdlib": ["stdlib-chat"]}
-FEATURE_BUDGET = 150_000  # tokens of target features cached per corpus (the 2^17 budget + held-out)
+# name -> {source corpus: share of tokens}. "mix" (the committed sweeps) keeps its
+# original order: the few self-distilled answers spread over the stdlib text.
+CORPORA = {"mix": {"selfdistill-960-s1": None, "stdlib-chat": None},
+           "selfdistill": {"selfdistill-960-s1": 1.0},
+           "stdlib": {"stdlib-chat": 1.0},
+           # the target's own answers first (what the draft meets at decode time), then
+           # real documentation and code so that rare code tokens are still seen
+           "answers": {"selfdistill-960-s2": 0.4, "selfdistill-960-s1": 0.35, "stdlib-chat": 0.25}}
+FEATURE_BUDGET = {"answers": 280_000}  # tokens of target features cached per corpus
+DEFAULT_FEATURE_BUDGET = 150_000  # the 2^17 budget + held-out
 
 
-def mixed_sequences(corpus: str, budget: int = FEATURE_BUDGET) -> list[list[int]]:
-    """The corpus's sequences, the self-distilled ones spread evenly through the first `budget`
-    tokens so that every prefix (every token budget) holds both kinds."""
-    names = CORPORA.get(corpus)
-    if names is None:
+def mixed_sequences(corpus: str, budget: int | None = None) -> list[list[int]]:
+    """The corpus's sequences in training order, cut at `budget` tokens: every prefix
+    (every token budget of a sweep) holds each source in its share."""
+    shares = CORPORA.get(corpus)
+    if shares is None:
         raise ScyllaError(f"unknown --corpus {corpus!r}; choose {', '.join(CORPORA)}")
-    for name in names:
+    for name in shares:
         if not corpus_path(name).is_file():
             raise ScyllaError(f"corpus {name} is not built; run `scylla build-corpus` first")
-    parts = [read_corpus(n)["sequences"] for n in names]
-    merged = interleave(parts)
+    parts = [read_corpus(n)["sequences"] for n in shares]
+    if None in shares.values():
+        merged = interleave(parts)
+    else:
+        merged = interleave_by_share(parts, list(shares.values()))
+    budget = budget or FEATURE_BUDGET.get(corpus, DEFAULT_FEATURE_BUDGET)
     out, total = [], 0
     for seq in merged:
         if total >= budget:
@@ -48,6 +59,23 @@ def interleave(parts: list[list[list[int]]]) -> list[list[int]]:
             j += 1
         out.append(seq)
     return out
+
+
+def interleave_by_share(parts: list[list[list[int]]], shares: list[float]) -> list[list[int]]:
+    """Next sequence from the source furthest below its token share; an exhausted source
+    drops out and the others fill in."""
+    taken = [0] * len(parts)
+    used = [0] * len(parts)
+    out = []
+    while True:
+        live = [i for i, part in enumerate(parts) if taken[i] < len(part)]
+        if not live:
+            return out
+        i = min(live, key=lambda j: used[j] / shares[j])
+        seq = parts[i][taken[i]]
+        out.append(seq)
+        taken[i] += 1
+        used[i] += len(seq)
 
 
 def ensure_features(target, corpus: str) -> Path:

@@ -130,3 +130,19 @@ def test_head_draft_with_a_shared_prefill_matches_its_own_prefill(tmp_path):
     shared = prefill_prompt(target, prompt, need_hidden=True)
     assert [s.emitted for s in speculative_generate(target, draft, prompt, max_new_tokens=12, k=3,
                                                     shared_prefill=shared)] == own
+
+
+def test_corpus_mix_follows_its_token_shares():
+    from scylla.pipeline import interleave_by_share
+
+    rng = random.Random(0)
+    answers = [[1] * rng.randint(50, 300) for _ in range(400)]
+    docs = [[2] * rng.randint(20, 200) for _ in range(2000)]
+    merged = interleave_by_share([answers, docs], [0.75, 0.25])
+    assert sorted(map(len, merged)) == sorted(map(len, answers + docs))  # nothing lost or repeated
+    prefix = []
+    for seq in merged:
+        prefix += seq
+        if len(prefix) > 20_000:
+            break
+    assert prefix.count(1) / len(prefix) == pytest.approx(0.75, abs=0.02)

@@ -263,3 +263,13 @@ def test_default_draft_is_scylla_only_when_present(tmp_path, monkeypatch):
     (tmp_path / "drafts" / "scylla").mkdir(parents=True)
     (tmp_path / "drafts" / "scylla" / "config.json").write_text("{}")
     assert live.default_draft() == "scylla"
+
+
+def test_chart_throttle_fires_at_most_once_per_interval():
+    now = [0.0]
+    throttle = live.Throttle(every_s=0.5, clock=lambda: now[0])
+    fired = []
+    for step in range(20):  # one step every 0.125 s (exact in binary)
+        fired.append(throttle.due())
+        now[0] += 0.125
+    assert [i for i, f in enumerate(fired) if f] == [0, 4, 8, 12, 16]
