@@ -20,13 +20,24 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def positive_int(text: str) -> int:
+def integer(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = integer(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -86,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--corpus", default="mix", help="mix | answers | selfdistill | stdlib")
+    t.add_argument("--align-tokens", type=nonnegative_int, default=0,
+                   help="then a second stage on N tokens of the target's own answers (alignment)")
     t.add_argument("--out", help="output folder (default: cache/drafts/NAME)")
     t.add_argument("--db", help="store the training record in this results.duckdb")
 

@@ -1,12 +1,14 @@
 """Corpus -> features -> draft, with every intermediate cached (used by train-draft and sweeps)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tqdm import tqdm
 
 from scylla import ScyllaError
 from scylla.corpus import corpus_path, read_corpus
+from scylla.head import CONFIG, WEIGHTS
 from scylla.data import corpus_key, extract_features, load_feature_sequences
 from scylla.models import cache_root, load_target
 from scylla.train import TrainConfig, stored_layers, train_head, training_row
@@ -18,7 +20,9 @@ CORPORA = {"mix": {"selfdistill-960-s1": None, "stdlib-chat": None},
            "stdlib": {"stdlib-chat": 1.0},
            # the target's own answers first (what the draft meets at decode time), then
            # real documentation and code so that rare code tokens are still seen
-           "answers": {"selfdistill-960-s2": 0.4, "selfdistill-960-s1": 0.35, "stdlib-chat": 0.25}}
+           "answers": {"selfdistill-960-s2": 0.4, "selfdistill-960-s1": 0.35, "stdlib-chat": 0.25},
+           # only the target's own chat answers: the alignment stage's data
+           "responses": {"selfdistill-960-s2": 0.5, "selfdistill-960-s1": 0.5}}
 FEATURE_BUDGET = {"answers": 280_000}  # tokens of target features cached per corpus
 DEFAULT_FEATURE_BUDGET = 150_000  # the 2^17 budget + held-out
 
@@ -90,6 +94,23 @@ def ensure_features(target, corpus: str) -> Path:
     return folder
 
 
+def align_stage(target, record: dict, cfg: TrainConfig, out: Path, tokens: int) -> dict:
+    """Second stage: continue the trained draft on the target's own chat answers only, at a
+    third of the learning rate; the draft in `out` is replaced by the aligned one."""
+    from dataclasses import replace
+
+    seqs = load_feature_sequences(ensure_features(target, "responses"))
+    stage = replace(cfg, tokens=tokens, lr=cfg.lr / 3, init_from=str(out))
+    aligned = train_head(target, seqs, stage, out / "aligned", target.name)
+    for name in (WEIGHTS, CONFIG):
+        (out / "aligned" / name).replace(out / name)
+    merged = {**record, "wall_s": round(record["wall_s"] + aligned["wall_s"], 1),
+            "final_loss": aligned["final_loss"], "heldout_top1": aligned["heldout_top1"],
+            "corpus": f"{record['corpus']}+align:responses:{tokens}", "path": str(out)}
+    (out / "training.json").write_text(json.dumps(merged, indent=2))
+    return merged
+
+
 def train_draft_from_args(args) -> dict:
     target = load_target()
     cfg = TrainConfig(tokens=args.tokens, layers=args.layers, fusion=args.fusion,
@@ -100,6 +121,8 @@ def train_draft_from_args(args) -> dict:
     seqs = load_feature_sequences(feature_dir)
     record = train_head(target, seqs, cfg, out, target.name)
     record["corpus"] = args.corpus
+    if getattr(args, "align_tokens", 0):
+        record = align_stage(target, record, cfg, out, args.align_tokens)
     if args.db:
         from scylla.store import insert_training
         insert_training(args.db, {**training_row(record), "target": target.name, "command": "scylla train-draft"})

@@ -44,6 +44,7 @@ class TrainConfig:
     reg_weight: float = 1.0      # feature regression (last-layer fusion only, as EAGLE-1/2)
     kind: str = "scylla"
     checkpoint_every: int = 200  # optimizer steps
+    init_from: str | None = None  # a trained draft folder: continue it (the alignment stage)
 
 
 def check_train_config(cfg: TrainConfig) -> None:
@@ -200,6 +201,19 @@ def load_checkpoint(folder: Path, head, optimizer) -> dict | None:
 
 # ---------------------------------------------------------------- the loop
 
+def continued_head(target_model, cfg: TrainConfig) -> tuple[FeatureHead, torch.Tensor | None]:
+    """A trained draft to train further; it keeps its own vocabulary map (its output rows
+    mean those tokens), so the second stage's data does not re-pick the vocabulary."""
+    from scylla.head import load_head
+
+    head = load_head(Path(cfg.init_from), target_model).train()
+    mine = (head.cfg.layers, head.cfg.fusion, head.cfg.draft_vocab)
+    if mine != (cfg.layers, cfg.fusion, cfg.draft_vocab):
+        raise ScyllaError(f"{cfg.init_from}: the draft to continue has layers/fusion/vocab {mine}, "
+                          f"not {(cfg.layers, cfg.fusion, cfg.draft_vocab)}")
+    return head, (head.d2t.clone() if cfg.draft_vocab else None)
+
+
 def make_head(target_model, cfg: TrainConfig, vocab_ids: torch.Tensor | None, name: str) -> FeatureHead:
     tc = target_model.config
     hcfg = HeadConfig(target_name=name, target_hidden=tc.hidden_size, target_vocab=tc.vocab_size,
@@ -229,8 +243,11 @@ def train_head(target, seqs: list[dict], cfg: TrainConfig, out_dir: Path, target
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     train_seqs, held = split_heldout(seqs)
     unique = sum(len(s["tokens"]) - 1 for s in train_seqs)
-    vocab_ids = draft_vocab_map(train_seqs, cfg.draft_vocab, target.model.config.vocab_size) if cfg.draft_vocab else None
-    head = make_head(target.model, cfg, vocab_ids, target_name)
+    if cfg.init_from:
+        head, vocab_ids = continued_head(target.model, cfg)
+    else:
+        vocab_ids = draft_vocab_map(train_seqs, cfg.draft_vocab, target.model.config.vocab_size) if cfg.draft_vocab else None
+        head = make_head(target.model, cfg, vocab_ids, target_name)
     for p in head.parameters():
         p.requires_grad_(True)
     t2d = None
@@ -290,7 +307,7 @@ def run_batch(items, head, optimizer, schedule, accelerator, t2d, cfg, cols, see
     schedule.step()
     state["loss"] = round(loss.item(), 4)
     bar.update(positions)
-    bar.set_postfix(loss=f"{float(loss):.3f}", top1=f"{acc:.2f}")
+    bar.set_postfix(loss=f"{state['loss']:.3f}", top1=f"{acc:.2f}")
     return seen + positions, step + 1
 
 

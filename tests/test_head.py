@@ -55,7 +55,7 @@ def test_training_steps_lower_the_loss(fusion, vocab):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < 0.7 * float(first)
+    assert loss.item() < 0.7 * first.item()
 
 
 def test_token_budget_is_exact():
@@ -146,3 +146,23 @@ def test_corpus_mix_follows_its_token_shares():
         if len(prefix) > 20_000:
             break
     assert prefix.count(1) / len(prefix) == pytest.approx(0.75, abs=0.02)
+
+
+def test_second_stage_continues_the_draft_and_keeps_its_vocabulary(tmp_path):
+    from dataclasses import replace
+
+    target = tiny_target()
+    seqs = feature_seqs(target, n=30)
+    cfg = replace(tiny_cfg(tokens=600), draft_vocab=48)
+    first = train_head(target, seqs, cfg, tmp_path / "d", "tiny-llama", log=lambda *a: None)
+    before = load_head(tmp_path / "d", target.model)
+    other = feature_seqs(target, n=30, seed=7)
+    second = train_head(target, other, replace(cfg, tokens=300, init_from=str(tmp_path / "d")),
+                        tmp_path / "d2", "tiny-llama", log=lambda *a: None)
+    after = load_head(tmp_path / "d2", target.model)
+    assert torch.equal(after.d2t, before.d2t)  # the map its output rows were trained for
+    assert not torch.equal(after.fc.weight, before.fc.weight)
+    assert second["tokens"] == 300 and first["tokens"] == 600
+    with pytest.raises(ScyllaError, match="layers/fusion/vocab"):
+        train_head(target, other, replace(cfg, layers=2, init_from=str(tmp_path / "d")),
+                   tmp_path / "d3", "tiny-llama", log=lambda *a: None)
