@@ -8,7 +8,7 @@ st.set_page_config(page_title="Live decoding · Scylla Studio", layout="wide")
 
 @st.cache_resource(show_spinner=False)
 def cached_target(spec: str, quant: str):
-    return live.load_live_target(quant)
+    return live.live_target(quant)
 
 
 @st.cache_resource(show_spinner=False)
@@ -170,3 +170,4 @@ if "live_result" in st.session_state:
     render(st.session_state["live_result"], final=True)
 elif not go_clicked:
     slots["plain"]["text"].info("Press Generate to decode the prompt.")
+live.prewarm_target(quant)  # last: the page is on screen before the model starts loading

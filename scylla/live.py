@@ -89,6 +89,40 @@ def load_live_target(quant: str = "none", device: str = "auto"):
     return target
 
 
+_TARGETS: dict = {}
+_TARGET_LOCKS: dict = {}
+
+
+def live_target(quant: str = "none"):
+    """The live target, loaded once per process and quantization. Thread-safe: the page's
+    warm-up thread and a click on Generate may ask at the same moment; one loads, the
+    other waits for it."""
+    key = (target_spec(), quant)
+    with _LOADED_LOCK:
+        lock = _TARGET_LOCKS.setdefault(key, threading.Lock())
+    with lock:
+        if key not in _TARGETS:
+            _TARGETS[key] = load_live_target(quant)
+        return _TARGETS[key]
+
+
+def prewarm_target(quant: str = "none") -> bool:
+    """Load the target in the background while the user reads the page, so that the first
+    Generate does not wait seconds for it. False when there is nothing to do (loaded, or
+    SCYLLA_PREWARM=0, which page tests set so that no test loads a model unasked)."""
+    if os.environ.get("SCYLLA_PREWARM", "1") == "0" or (target_spec(), quant) in _TARGETS:
+        return False
+    threading.Thread(target=_load_quietly, args=(quant,), daemon=True, name="scylla-prewarm").start()
+    return True
+
+
+def _load_quietly(quant: str) -> None:
+    try:
+        live_target(quant)
+    except Exception:  # noqa: BLE001 - the click on Generate loads again and shows the error
+        pass
+
+
 def default_draft() -> str:
     """The Scylla draft when one is shipped or trained, else ngram.
 

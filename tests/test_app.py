@@ -58,6 +58,7 @@ def fresh_caches(monkeypatch, tmp_path):
     st.cache_data.clear()
     st.cache_resource.clear()
     monkeypatch.setenv("SCYLLA_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("SCYLLA_PREWARM", "0")  # the live page would load the real target in the background
     yield
     st.cache_data.clear()
     st.cache_resource.clear()

@@ -273,3 +273,23 @@ def test_chart_throttle_fires_at_most_once_per_interval():
         fired.append(throttle.due())
         now[0] += 0.125
     assert [i for i, f in enumerate(fired) if f] == [0, 4, 8, 12, 16]
+
+
+def test_prewarm_loads_the_target_once_while_a_click_waits_for_it(monkeypatch):
+    calls = []
+
+    def slow_load(quant):
+        calls.append(quant)
+        time.sleep(0.3)
+        return f"target-{quant}"
+
+    monkeypatch.setattr(live, "load_live_target", slow_load)
+    monkeypatch.setenv("SCYLLA_TARGET", "prewarm-test-target")
+    monkeypatch.setenv("SCYLLA_PREWARM", "1")
+    assert live.prewarm_target("none") is True
+    time.sleep(0.05)  # the warm-up thread holds the load now
+    assert live.live_target("none") == "target-none"  # waits for it, does not load again
+    assert calls == ["none"]
+    assert live.prewarm_target("none") is False  # already loaded
+    monkeypatch.setenv("SCYLLA_PREWARM", "0")
+    assert live.prewarm_target("int8") is False and calls == ["none"]
