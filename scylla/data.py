@@ -8,6 +8,7 @@ data is downloaded and the two sets cannot overlap.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import random
@@ -72,6 +73,16 @@ def stdlib_files() -> list[Path]:
 
 def stdlib_docstrings(min_chars: int = 200, max_chars: int = 1500) -> list[str]:
     """Module, class and function docstrings of the standard library, in a fixed order."""
+    return list(_stdlib_docstrings(min_chars, max_chars))
+
+
+def stdlib_functions(max_lines: int = 30) -> list[str]:
+    """Short function sources from the standard library, for the code domain."""
+    return list(_stdlib_functions(max_lines))
+
+
+@functools.lru_cache(maxsize=4)  # parsing the whole standard library takes seconds
+def _stdlib_docstrings(min_chars: int, max_chars: int) -> tuple[str, ...]:
     out = []
     for path in stdlib_files():
         try:
@@ -83,11 +94,11 @@ def stdlib_docstrings(min_chars: int = 200, max_chars: int = 1500) -> list[str]:
                 doc = ast.get_docstring(node)
                 if doc and min_chars <= len(doc) <= max_chars:
                     out.append(doc.strip())
-    return out
+    return tuple(out)
 
 
-def stdlib_functions(max_lines: int = 30) -> list[str]:
-    """Short function sources from the standard library, for the code domain."""
+@functools.lru_cache(maxsize=4)
+def _stdlib_functions(max_lines: int) -> tuple[str, ...]:
     out = []
     for path in stdlib_files():
         try:
@@ -101,7 +112,7 @@ def stdlib_functions(max_lines: int = 30) -> list[str]:
                 src = "\n".join(lines[node.lineno - 1:node.end_lineno])
                 if 120 <= len(src) <= 1500:
                     out.append(src)
-    return out
+    return tuple(out)
 
 
 # ---------------------------------------------------------------- training prompts
