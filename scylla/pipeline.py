@@ -96,13 +96,15 @@ def ensure_features(target, corpus: str) -> Path:
 
 def align_stage(target, record: dict, cfg: TrainConfig, out: Path, tokens: int) -> dict:
     """Second stage: continue the trained draft on the target's own chat answers only, at a
-    third of the learning rate; the draft in `out` is replaced by the aligned one."""
+    third of the learning rate. `out` then holds the aligned draft, `out/pretrained` the first."""
     from dataclasses import replace
 
     seqs = load_feature_sequences(ensure_features(target, "responses"))
     stage = replace(cfg, tokens=tokens, lr=cfg.lr / 3, init_from=str(out))
     aligned = train_head(target, seqs, stage, out / "aligned", target.name)
+    (out / "pretrained").mkdir(exist_ok=True)  # the first stage stays, to compare against
     for name in (WEIGHTS, CONFIG):
+        (out / name).replace(out / "pretrained" / name)
         (out / "aligned" / name).replace(out / name)
     merged = {**record, "wall_s": round(record["wall_s"] + aligned["wall_s"], 1),
             "final_loss": aligned["final_loss"], "heldout_top1": aligned["heldout_top1"],

@@ -166,3 +166,23 @@ def test_second_stage_continues_the_draft_and_keeps_its_vocabulary(tmp_path):
     with pytest.raises(ScyllaError, match="layers/fusion/vocab"):
         train_head(target, other, replace(cfg, layers=2, init_from=str(tmp_path / "d")),
                    tmp_path / "d3", "tiny-llama", log=lambda *a: None)
+
+
+def test_align_stage_replaces_the_draft_and_keeps_the_first_stage(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from scylla import pipeline
+
+    target = tiny_target()
+    cfg = replace(tiny_cfg(tokens=400), draft_vocab=48)
+    record = train_head(target, feature_seqs(target, n=20), cfg, tmp_path / "d", "tiny-llama", log=lambda *a: None)
+    record["corpus"] = "answers"
+    monkeypatch.setattr(pipeline, "ensure_features", lambda target, corpus: tmp_path / corpus)
+    monkeypatch.setattr(pipeline, "load_feature_sequences", lambda folder: feature_seqs(target, n=20, seed=3))
+    first = load_head(tmp_path / "d", target.model).state_dict()
+    merged = pipeline.align_stage(target, record, cfg, tmp_path / "d", 300)
+    assert merged["corpus"] == "answers+align:responses:300" and merged["tokens"] == 400
+    kept = load_head(tmp_path / "d" / "pretrained", target.model).state_dict()
+    aligned = load_head(tmp_path / "d", target.model).state_dict()
+    assert all(torch.equal(kept[k], first[k]) for k in first)
+    assert not torch.equal(aligned["fc.weight"], first["fc.weight"])
