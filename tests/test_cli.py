@@ -35,6 +35,8 @@ def run_cli(args, capsys):
     (["bench", "--prompts", "assets/eval_prompts.jsonl", "--json", "o.json", "--tree", "3,2"], "tree"),
     (["bench", "--prompts", "assets/eval_prompts.jsonl", "--json", "o.json", "--tree", "3,2,600"], "tree"),
     (["fit", "--csv", "missing.csv", "--x", "a", "--y", "b"], ""),
+    (["train-draft", "--tokens", "4096", "--align-tokens", "10"], "--align-tokens"),
+    (["train-draft", "--tokens", "4096", "--layers", "9"], "--layers"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(args, needle, capsys):
     code, err = run_cli(args, capsys)
