@@ -34,6 +34,33 @@ REFERENCE_OVERLAY = {("batch", "speedup"): "throughput_ratio_vs_no_spec",
                      ("batch", "tau"): "tau"}
 
 
+# What the pages import on their first visit (seconds each on this CPU): torch and
+# transformers (live decoding), statsmodels and scipy (laws, lab).
+PREWARM_MODULES = ("torch", "transformers", "statsmodels.formula.api", "scipy.optimize",
+                   "scylla.laws", "scylla.decoding", "scylla.data")
+_PREWARM_STARTED = threading.Event()
+
+
+def prewarm_imports(modules=PREWARM_MODULES) -> bool:
+    """Import what the other pages need in a background thread, once per process, so that
+    a page's first visit does not pay for it. Off with SCYLLA_PREWARM=0."""
+    if os.environ.get("SCYLLA_PREWARM", "1") == "0" or _PREWARM_STARTED.is_set():
+        return False
+    _PREWARM_STARTED.set()
+    threading.Thread(target=_import_all, args=(modules,), daemon=True, name="scylla-imports").start()
+    return True
+
+
+def _import_all(modules) -> None:
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the page that needs it reports the failure itself
+            pass
+
+
 def db_path() -> Path:
     """results.duckdb in the repo root, unless SCYLLA_DB names another file."""
     return Path(os.environ.get("SCYLLA_DB") or REPO_ROOT / "results.duckdb")

@@ -1,6 +1,7 @@
 """The app's non-Streamlit logic: scylla.live (transcript, race, checks) and scylla.studio."""
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import threading
@@ -293,3 +294,17 @@ def test_prewarm_loads_the_target_once_while_a_click_waits_for_it(monkeypatch):
     assert live.prewarm_target("none") is False  # already loaded
     monkeypatch.setenv("SCYLLA_PREWARM", "0")
     assert live.prewarm_target("int8") is False and calls == ["none"]
+
+
+def test_prewarm_imports_runs_once_per_process(monkeypatch):
+    imported = []
+    monkeypatch.setattr(studio, "_PREWARM_STARTED", threading.Event())
+    monkeypatch.setattr(importlib, "import_module", lambda name: imported.append(name))
+    monkeypatch.setenv("SCYLLA_PREWARM", "1")
+    assert studio.prewarm_imports(("json", "no_such_module_xyz")) is True
+    assert studio.prewarm_imports(("json",)) is False
+    for _ in range(100):
+        if len(imported) == 2:
+            break
+        time.sleep(0.01)
+    assert imported == ["json", "no_such_module_xyz"]
