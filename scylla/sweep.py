@@ -119,8 +119,25 @@ def point_id(cfg: SweepConfig, point: dict) -> str:
     ident = [cfg.prompts, cfg.limit, cfg.max_new_tokens, cfg.seed, cfg.train, point]
     if cfg.target != "smollm2":  # ids of runs on the default target stay as they were
         ident.append(cfg.target)
+    weights = trained_draft_weights(point.get("draft"))
+    if weights:  # a retrained named draft is a new run, not one already done
+        ident.append(weights)
     raw = json.dumps(ident, sort_keys=True)
     return "sweep-" + hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def trained_draft_weights(spec: str | None) -> str | None:
+    """sha256 (16 hex) of a named or folder draft's weights; None for untrained kinds."""
+    from scylla.drafts import NAMED_DRAFTS
+    from scylla.head import WEIGHTS, named_draft_dir
+
+    if not spec or spec in ("none", "ngram") or spec.startswith("layerskip"):
+        return None
+    folder = named_draft_dir(spec) if spec in NAMED_DRAFTS else Path(spec)
+    path = folder / WEIGHTS
+    if not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def draft_folder(cfg: SweepConfig, point: dict) -> Path:

@@ -85,3 +85,17 @@ def test_sweep_resumes_after_a_kill_without_loss_or_duplicates(tmp_path, tiny_ta
     assert len(overall) == 6 and runs["id"].is_unique
     assert set(first["id"]) <= set(runs["id"])  # nothing finished before the kill was lost
     assert (overall["exact_match_rate"] == 1.0).all()
+
+
+def test_a_retrained_draft_gets_new_run_ids(tmp_path):
+    folder = tmp_path / "mydraft"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"first weights")
+    cfg = load_config(write(tmp_path, f'[grid]\ndraft = ["{folder}", "ngram"]\nk = [4]'))
+    points = grid_points(cfg)
+    before = [point_id(cfg, p) for p in points]
+    assert before == [point_id(cfg, p) for p in points]
+    (folder / "model.safetensors").write_bytes(b"retrained weights")
+    after = [point_id(cfg, p) for p in points]
+    changed = {p["draft"]: a != b for p, a, b in zip(points, before, after)}
+    assert changed == {str(folder): True, "ngram": False}
