@@ -23,7 +23,7 @@ CORPORA = {"mix": {"selfdistill-960-s1": None, "stdlib-chat": None},
            "answers": {"selfdistill-960-s2": 0.4, "selfdistill-960-s1": 0.35, "stdlib-chat": 0.25},
            # only the target's own chat answers: the alignment stage's data
            "responses": {"selfdistill-960-s2": 0.5, "selfdistill-960-s1": 0.5}}
-FEATURE_BUDGET = {"answers": 280_000}  # tokens of target features cached per corpus
+FEATURE_BUDGET = {"answers": 280_000, "responses": 40_000}  # tokens of target features cached per corpus
 DEFAULT_FEATURE_BUDGET = 150_000  # the 2^17 budget + held-out
 
 
