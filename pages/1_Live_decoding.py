@@ -7,11 +7,6 @@ st.set_page_config(page_title="Live decoding · Scylla Studio", layout="wide")
 
 
 @st.cache_resource(show_spinner=False)
-def cached_target(spec: str, quant: str):
-    return live.live_target(quant)
-
-
-@st.cache_resource(show_spinner=False)
 def cached_draft(spec: str, target_spec: str, quant: str, _target):
     return live.load_live_draft(spec, _target)
 
@@ -129,7 +124,7 @@ if go_clicked:
     spec_name = live.draft_spec(draft_kind, skip_layers)
     try:
         with st.spinner(f"Loading the target ({quant}) ..."):
-            target = cached_target(live.target_spec(), quant)
+            target = live.live_target(quant)  # loaded once per process (the page prewarms it)
         prompt_ids = live.check_prompt_text(prompt, target, int(max_tokens))
         with st.spinner(f"Loading draft {spec_name} ..."):
             draft = get_draft(spec_name, target, quant)
