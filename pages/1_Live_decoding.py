@@ -142,8 +142,8 @@ if go_clicked:
     try:
         waiting = slots["plain"]["text"]
         with live.generation_slot(on_wait=lambda: waiting.info(
-                "Another session is generating on the shared model; yours starts when it ends.")):
-            shared = live.shared_prefill(target, draft, prompt_ids)
+                "The shared model is busy (another session generating); yours starts when it is free.")):
+            shared = live.prompt_prefill(target, prompt_ids)  # often done already
             plain_steps = plain_generate(target, prompt_ids, int(max_tokens), temperature, top_p,
                                          seed=gen_seed, shared_prefill=shared)
             spec_steps = speculative_generate(target, draft, prompt_ids, int(max_tokens), int(k),
@@ -165,4 +165,6 @@ if "live_result" in st.session_state:
     render(st.session_state["live_result"], final=True)
 elif not go_clicked:
     slots["plain"]["text"].info("Press Generate to decode the prompt.")
-live.prewarm_target(quant)  # last: the page is on screen before the model starts loading
+# Last, once the page is on screen: load the target and run the prompt's forward in the
+# background, so that Generate starts decoding at once.
+live.prewarm_prefill(quant, prompt, int(max_tokens))

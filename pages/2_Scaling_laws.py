@@ -11,14 +11,20 @@ st.caption("The paper's claim: along each axis (draft pretraining **tokens**, dr
            "Fits are OLS with HC3 errors; bands are 95% (confidence: the mean; prediction: a new run).")
 
 
-@st.cache_data(ttl=10, show_spinner=False)
-def load(path: str, mtime: float):
+@st.cache_data(ttl=60, show_spinner=False)
+def load(path: str, version: tuple):  # version: studio.store_version
     return store.runs_frame(path), store.reference_frame(path)
 
 
+@st.cache_data(ttl=60, max_entries=64, show_spinner=False)
+def axis_points(path: str, version: tuple, axis: str, metric: str, filters: dict):
+    return store.axis_points(path, axis, metric, filters)
+
+
 db = studio.db_path()
+version = studio.store_version(db)
 try:
-    runs, ref = load(str(db), db.stat().st_mtime if db.is_file() else 0.0)
+    runs, ref = load(str(db), version)
 except ScyllaError as exc:
     st.error(str(exc))
     st.stop()
@@ -46,7 +52,7 @@ if source == MEASURED:
             if chosen:
                 filters[col] = chosen
     try:
-        points = store.axis_points(str(db), axis, metric, filters)
+        points = axis_points(str(db), version, axis, metric, filters)
     except ScyllaError as exc:
         st.error(str(exc))
         st.stop()

@@ -10,15 +10,23 @@ st.caption("Query the store with one read-only SELECT (tables: runs, trainings, 
            "predictions), then fit a formula to the result: patsy syntax, e.g. "
            "`tau ~ np.log(tokens) + C(draft_kind)`.")
 
+
+@st.cache_data(ttl=60, max_entries=32, show_spinner=False)
+def query(path: str, version: tuple, sql: str):
+    # keyed on the store's version: a sweep that writes to it invalidates the entry
+    return store.read_only_query(path, sql)
+
+
 db = studio.db_path()
 if not db.is_file():
     st.info(f"No results store at {db} yet.")
     st.stop()
+version = studio.store_version(db)
 
 with st.expander("Tables and columns"):
     try:
-        schema = store.read_only_query(
-            str(db), "SELECT table_name, column_name, data_type FROM information_schema.columns "
+        schema = query(
+            str(db), version, "SELECT table_name, column_name, data_type FROM information_schema.columns "
                      "WHERE table_name IN ('runs', 'trainings', 'reference', 'laws', 'predictions') "
                      "ORDER BY table_name, ordinal_position")
         st.dataframe(schema, hide_index=True, width="stretch", height=240)
@@ -29,7 +37,7 @@ sql = st.text_area("SQL (one read-only SELECT)", value=studio.LAB_DEFAULT_SQL, h
 run_clicked = st.button("Run query", type="primary", key="run_sql")
 if run_clicked or "lab_df" not in st.session_state:
     try:
-        st.session_state["lab_df"] = store.read_only_query(str(db), sql)
+        st.session_state["lab_df"] = query(str(db), version, sql)
         st.session_state["lab_error"] = None
     except ScyllaError as exc:
         st.session_state.setdefault("lab_df", None)   # keep the last good result

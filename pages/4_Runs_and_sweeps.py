@@ -9,8 +9,8 @@ st.set_page_config(page_title="Runs and sweeps · Scylla Studio", layout="wide")
 st.title("Runs and sweeps")
 
 
-@st.cache_data(ttl=5, show_spinner=False)
-def load(path: str, mtime: float):
+@st.cache_data(ttl=60, show_spinner=False)
+def load(path: str, version: tuple):  # version: studio.store_version
     return store.runs_frame(path), store.trainings_frame(path)
 
 
@@ -20,7 +20,7 @@ if not db.is_file():
     st.info(f"No results store at {db} yet; a sweep creates it.")
 else:
     try:
-        runs, trainings = load(str(db), db.stat().st_mtime)
+        runs, trainings = load(str(db), studio.store_version(db))
     except ScyllaError as exc:
         st.error(str(exc))
 

@@ -29,7 +29,9 @@ GROUP_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
 
 
 def _layout(fig: go.Figure, title: str, x: str, y: str, log_x: bool = False) -> go.Figure:
-    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, template="plotly_white",
+    # No explicit template: plotly applies its default (Streamlit's theme in the app) for
+    # free, while validating a named template costs ~25-40 ms per figure on every rerun.
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y,
                       margin=dict(l=50, r=20, t=50, b=45), legend=dict(orientation="h", y=-0.2))
     if log_x:
         fig.update_xaxes(type="log")

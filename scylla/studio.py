@@ -66,6 +66,14 @@ def db_path() -> Path:
     return Path(os.environ.get("SCYLLA_DB") or REPO_ROOT / "results.duckdb")
 
 
+def store_version(path: Path) -> tuple[float, float]:
+    """Changes whenever the store does: the file's mtime and its write-ahead log's (DuckDB
+    writes there first), so page caches keyed on it never serve stale rows."""
+    def mtime(p: Path) -> float:
+        return p.stat().st_mtime if p.is_file() else 0.0
+    return mtime(path), mtime(path.with_name(path.name + ".wal"))
+
+
 def runs_dir() -> Path:
     return Path(os.environ.get("SCYLLA_RUNS_DIR") or REPO_ROOT / "runs")
 

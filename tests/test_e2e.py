@@ -80,19 +80,22 @@ def choose(page, label: str, option: str) -> None:
     wait_idle(page)
 
 
+NEW_TOKEN_JS = """([side, old]) => {
+    const t = document.querySelectorAll('.scylla-transcript')[side];
+    return !!t && !!t.querySelector('.scylla-tok') && t.innerText !== old[side];
+}"""
+
+
 def generate(page, label: str) -> None:
     """Click Generate; record time to the first token on each side and to the last step."""
-    # a previous run's transcripts stay in the DOM until replaced: mark them stale
-    page.evaluate("() => document.querySelectorAll('.scylla-transcript')"
-                  ".forEach(e => e.setAttribute('data-old', '1'))")
+    # The last run's transcripts stay on screen until replaced, and React may update those
+    # very elements in place: a side has started when its text changes and shows a token.
+    old = page.locator(".scylla-transcript").all_inner_texts() or ["", ""]
     start = time.perf_counter()
     page.get_by_role("button", name="Generate").click()
-    fresh = page.locator(".scylla-transcript:not([data-old])")
-    plain = fresh.nth(0).locator(".scylla-tok").first
-    spec = fresh.nth(1).locator(".scylla-tok").first
-    plain.wait_for(timeout=600_000)
+    page.wait_for_function(NEW_TOKEN_JS, arg=[0, old], timeout=600_000)
     TIMINGS[f"ttft plain ({label})"] = time.perf_counter() - start
-    spec.wait_for(timeout=600_000)
+    page.wait_for_function(NEW_TOKEN_JS, arg=[1, old], timeout=600_000)
     TIMINGS[f"ttft speculative ({label})"] = time.perf_counter() - start
     page.locator('[data-testid="stPlotlyChart"]').first.wait_for(timeout=600_000)
     page.get_by_text("Time to first token").wait_for(timeout=600_000)

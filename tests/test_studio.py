@@ -287,13 +287,51 @@ def test_prewarm_loads_the_target_once_while_a_click_waits_for_it(monkeypatch):
     monkeypatch.setattr(live, "load_live_target", slow_load)
     monkeypatch.setenv("SCYLLA_TARGET", "prewarm-test-target")
     monkeypatch.setenv("SCYLLA_PREWARM", "1")
-    assert live.prewarm_target("none") is True
+    assert live.prewarm_prefill("none", "Hello", 8) is True
     time.sleep(0.05)  # the warm-up thread holds the load now
     assert live.live_target("none") == "target-none"  # waits for it, does not load again
     assert calls == ["none"]
-    assert live.prewarm_target("none") is False  # already loaded
     monkeypatch.setenv("SCYLLA_PREWARM", "0")
-    assert live.prewarm_target("int8") is False and calls == ["none"]
+    assert live.prewarm_prefill("int8", "Hello", 8) is False and calls == ["none"]
+
+
+def _wait_for(condition, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_the_prompt_on_screen_is_prefilled_in_the_background_and_reused(monkeypatch, tiny):
+    from scylla.decoding import generate_ids
+
+    prompt = [5, 6, 7, 8, 9]
+    monkeypatch.setattr(live, "live_target", lambda quant="none": tiny)
+    monkeypatch.setattr(live, "check_prompt_text", lambda text, target, n: list(prompt))
+    monkeypatch.setenv("SCYLLA_PREWARM", "1")
+    assert live.prewarm_prefill("none", "five tokens", 8) is True
+    assert _wait_for(lambda: live.has_prefill(tiny, prompt))
+    state = live.prompt_prefill(tiny, prompt)
+    assert live.prompt_prefill(tiny, prompt) is state  # reused, not run again
+    assert state.hidden is not None and state.verify_ms > 0  # any draft can read it; its time is charged
+    own, _ = generate_ids(tiny, None, prompt, max_new_tokens=8, k=1)
+    for _ in range(2):  # decoders copy the cached KV cache: a second run from it is the same
+        shared, _ = generate_ids(tiny, None, prompt, max_new_tokens=8, k=1, shared_prefill=state)
+        assert shared == own
+
+
+def test_a_background_prefill_waits_for_no_one_and_keeps_few(monkeypatch, tiny):
+    monkeypatch.setattr(live, "live_target", lambda quant="none": tiny)
+    monkeypatch.setattr(live, "check_prompt_text", lambda text, target, n: [int(t) for t in text.split()])
+    with live.generation_slot():  # another session generating: the warm-up must not compete
+        live._prefill_quietly("none", "3 4 5", 8)
+    assert not live.has_prefill(tiny, [3, 4, 5])
+    for n in range(live.PREFILLS_KEPT + 2):
+        live._prefill_quietly("none", f"3 4 {10 + n}", 8)
+    kept = [n for n in range(live.PREFILLS_KEPT + 2) if live.has_prefill(tiny, [3, 4, 10 + n])]
+    assert kept == list(range(2, live.PREFILLS_KEPT + 2))  # the newest few
 
 
 def test_prewarm_imports_runs_once_per_process(monkeypatch):
@@ -308,3 +346,17 @@ def test_prewarm_imports_runs_once_per_process(monkeypatch):
             break
         time.sleep(0.01)
     assert imported == ["json", "no_such_module_xyz"]
+
+
+def test_the_store_version_changes_with_every_write(tmp_path):
+    import duckdb
+
+    db = tmp_path / "results.duckdb"
+    assert studio.store_version(db) == (0.0, 0.0)  # no store yet
+    with duckdb.connect(str(db)) as con:
+        con.execute("CREATE TABLE t (x INTEGER)")
+    before = studio.store_version(db)
+    time.sleep(0.01)
+    with duckdb.connect(str(db)) as con:
+        con.execute("INSERT INTO t VALUES (1)")
+    assert studio.store_version(db) != before
