@@ -438,8 +438,8 @@ def recommend(runs_df: pd.DataFrame, batch: int, budget_tokens: int,
     def choices(axis, wanted):
         if axis in tau_law.terms:
             return sorted(set(wanted))
-        seen = sorted(set(data[axis]))
-        warnings.append(f"{axis} never varied in the runs: only {seen} considered")
+        seen = sorted(set(data[axis].tolist()))   # tolist: plain ints in the message, not np.int32(4)
+        warnings.append(f"{axis} never varied in the runs: only {', '.join(f'{v:g}' for v in seen)} considered")
         return seen
 
     layer_opts = choices("layers", layer_choices)

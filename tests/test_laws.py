@@ -329,3 +329,4 @@ def test_recommend_does_not_invent_an_unmeasured_axis():
     out = laws.recommend(runs, batch=1, budget_tokens=10**8, layer_choices=(1, 2, 3, 4))
     assert {c["layers"] for c in out["candidates"]} == {2}
     assert any("layers never varied" in w for w in out["warnings"])
+    assert not any("np." in w for w in out["warnings"])  # plain numbers for the user
