@@ -21,6 +21,20 @@ def axis_points(path: str, version: tuple, axis: str, metric: str, filters: dict
     return store.axis_points(path, axis, metric, filters)
 
 
+# cache_resource, not cache_data: the analysis holds statsmodels results (not worth
+# pickling); the page only reads them. Reruns with the same selection reuse the fit.
+@st.cache_resource(max_entries=64, show_spinner=False)
+def analysis_of(points: pd.DataFrame, extrapolate_to, saturating: bool, group_col):
+    return studio.law_analysis(points, extrapolate_to=extrapolate_to, saturating=saturating,
+                               group_col=group_col)
+
+
+@st.cache_resource(max_entries=32, show_spinner=False)
+def recommendation(path: str, version: tuple, batch: int, budget: int):
+    runs, _ = load(path, version)
+    return laws.recommend(runs, batch, budget)
+
+
 db = studio.db_path()
 version = studio.store_version(db)
 try:
@@ -102,8 +116,7 @@ extrap = o2.select_slider("Extrapolate to x", options=studio.extrapolation_optio
                           value=x_max, format_func=lambda v: f"{v:,.4g}", key="extrapolate")
 
 try:
-    analysis = studio.law_analysis(points, extrapolate_to=extrap if extrap > x_max else None,
-                                   saturating=saturating, group_col=group_col)
+    analysis = analysis_of(points, extrap if extrap > x_max else None, saturating, group_col)
 except ScyllaError as exc:
     st.warning(f"No law fitted: {exc}")
     st.plotly_chart(plots.law_figure(usable, x_label=x_label, y_label=y_label, group_col=group_col,
@@ -168,7 +181,7 @@ if source == MEASURED:
     budget = r2.number_input("Draft pretraining budget (tokens)", 1, 10**12, 10**7, step=10**6,
                              key="rec_budget")
     try:
-        rec = laws.recommend(runs, int(batch), int(budget))
+        rec = recommendation(str(db), version, int(batch), int(budget))
     except ScyllaError as exc:
         st.info(f"No recommendation yet: {exc}")
     else:
