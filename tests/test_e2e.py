@@ -39,6 +39,15 @@ def open_page(page, base: str, path: str, ready: str, name: str) -> float:
     return seconds
 
 
+SKELETONS_GONE_JS = ("() => document.querySelectorAll("
+                     "'[data-testid=\"stSkeleton\"], [data-testid=\"stSkeletonElement\"]').length === 0")
+
+
+def wait_drawn(page, timeout_s: float = 60) -> None:
+    """Widgets whose frontend code loads lazily show a skeleton until it arrives."""
+    page.wait_for_function(SKELETONS_GONE_JS, timeout=timeout_s * 1000)
+
+
 def check_no_exception(page) -> None:
     assert page.locator(EXCEPTION).count() == 0, page.locator(EXCEPTION).first.inner_text()
 
@@ -46,6 +55,7 @@ def check_no_exception(page) -> None:
 def screenshot(page, name: str) -> None:
     """The whole page: Streamlit scrolls inside its own container, so grow the viewport."""
     SHOTS.mkdir(parents=True, exist_ok=True)
+    wait_drawn(page)
     size = page.viewport_size
     height = page.evaluate("() => document.querySelector('[data-testid=\"stMainBlockContainer\"]')"
                            "?.scrollHeight || 1000")
@@ -58,6 +68,22 @@ def screenshot(page, name: str) -> None:
 def legend_texts(page) -> list[str]:
     """Plotly legend entries (SVG text: textContent, not innerText)."""
     return page.locator(".legendtext").evaluate_all("els => els.map(e => e.textContent)")
+
+
+LEGEND_JS = """(names) => {
+    const shown = [...document.querySelectorAll('.legendtext')].map(e => e.textContent);
+    return names.every(n => shown.includes(n));
+}"""
+
+
+def wait_for_legend(page, names: list[str], timeout_s: float = 60) -> list[str]:
+    """Plotly draws after the script run ends (its bundle loads lazily): wait for the legend."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    try:
+        page.wait_for_function(LEGEND_JS, arg=names, timeout=timeout_s * 1000)
+    except PlaywrightTimeout:
+        pass                    # the assertion that follows shows what was drawn instead
+    return legend_texts(page)
 
 
 def alerts(page) -> list[str]:
@@ -122,7 +148,7 @@ def test_live_decoding_real_model_ngram(page, streamlit_server):
     assert len(texts) == 2 and all(t.strip() for t in texts), texts
     metrics = " ".join(page.locator('[data-testid="stMetric"]').all_inner_texts())
     assert "tau" in metrics and "speedup" in metrics
-    legend = legend_texts(page)
+    legend = wait_for_legend(page, ["accepted", "bonus / target token"])
     assert "accepted" in legend and "bonus / target token" in legend, legend
     assert page.get_by_text("draft ngram").count() >= 1
     assert page.locator('[data-testid="stPlotlyChart"]').count() == 3
@@ -136,7 +162,7 @@ def test_live_decoding_real_model_ngram(page, streamlit_server):
 def test_scaling_laws_draws_the_plot(page, streamlit_server):
     open_page(page, streamlit_server, "/Scaling_laws", '[data-testid="stPlotlyChart"]', "scaling laws")
     check_no_exception(page)
-    legend = legend_texts(page)
+    legend = wait_for_legend(page, ["fit", "confidence band", "prediction band"])
     for name in ("fit", "confidence band", "prediction band"):
         assert name in legend, legend
     assert page.locator('[data-testid="stMetric"]').filter(has_text="R²").count() == 1
@@ -174,6 +200,10 @@ def test_regression_lab_refuses_drop_and_runs_select(page, streamlit_server):
 def test_runs_and_sweeps(page, streamlit_server):
     open_page(page, streamlit_server, "/Runs_and_sweeps", "text=Start a small sweep", "runs and sweeps")
     check_no_exception(page)
+    wait_drawn(page)
+    assert page.locator('[data-testid="stDataFrame"]').first.is_visible()   # the runs table
+    assert page.locator('[data-testid="stPlotlyChart"]').count() == 1        # drafts by category
+    assert page.get_by_role("button", name="Start sweep").is_visible()
     screenshot(page, "runs_and_sweeps")
 
 
