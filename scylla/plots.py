@@ -219,7 +219,7 @@ def draft_category_figure(runs: pd.DataFrame, metric: str = "tau",
     if len(runs) and metric in runs.columns:
         frame = runs.copy()
         frame["category"] = frame.get("category", pd.Series(index=frame.index)).fillna("all")
-        frame["draft"] = frame["draft"].fillna("none")
+        frame["draft"] = frame["draft"].fillna("none").map(short_draft)
         agg = frame.groupby(["draft", "category"], dropna=False)[metric].mean().reset_index()
         for i, (draft, g) in enumerate(agg.groupby("draft", sort=True)):
             fig.add_trace(go.Bar(x=g["category"], y=g[metric], name=str(draft),

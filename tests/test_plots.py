@@ -88,10 +88,10 @@ def test_live_figures():
 
 
 def test_draft_category_figure():
-    runs = pd.DataFrame({"draft": ["ngram", "ngram", "scylla", "scylla"],
+    runs = pd.DataFrame({"draft": ["ngram", "ngram", "scylla", "/c/drafts/sweep-ab12"],
                          "category": ["qa", "coding", "qa", "coding"], "tau": [1.5, 1.2, 2.5, 2.0]})
     fig = plots.draft_category_figure(runs, "tau")
-    assert names(fig) == ["ngram", "scylla"]
+    assert names(fig) == ["ngram", "scylla", "sweep-ab12"]
     assert names(plots.draft_category_figure(runs.iloc[0:0], "tau")) == []
 
 
