@@ -148,8 +148,9 @@ def test_live_decoding_real_model_ngram(page, streamlit_server):
     assert len(texts) == 2 and all(t.strip() for t in texts), texts
     metrics = " ".join(page.locator('[data-testid="stMetric"]').all_inner_texts())
     assert "tau" in metrics and "speedup" in metrics
-    legend = wait_for_legend(page, ["accepted", "bonus / target token"])
-    assert "accepted" in legend and "bonus / target token" in legend, legend
+    expected = ["accepted", "bonus / target token"]
+    legend = wait_for_legend(page, expected)
+    assert all(name in legend for name in expected), legend
     assert page.get_by_text("draft ngram").count() >= 1
     assert page.locator('[data-testid="stPlotlyChart"]').count() == 3
     assert not [a for a in alerts(page) if "failed" in a or "Error" in a], alerts(page)
@@ -162,9 +163,9 @@ def test_live_decoding_real_model_ngram(page, streamlit_server):
 def test_scaling_laws_draws_the_plot(page, streamlit_server):
     open_page(page, streamlit_server, "/Scaling_laws", '[data-testid="stPlotlyChart"]', "scaling laws")
     check_no_exception(page)
-    legend = wait_for_legend(page, ["fit", "confidence band", "prediction band"])
-    for name in ("fit", "confidence band", "prediction band"):
-        assert name in legend, legend
+    expected = ["fit", "confidence band", "prediction band"]
+    legend = wait_for_legend(page, expected)
+    assert all(name in legend for name in expected), legend
     assert page.locator('[data-testid="stMetric"]').filter(has_text="R²").count() == 1
     screenshot(page, "scaling_laws")
 
