@@ -253,13 +253,15 @@ def test_lock_held_by_other_process_gives_clear_error(db):
 
 
 def test_read_while_a_sweep_writes(db):
-    n = 20
+    # A real sweep spends seconds per run between writes; with only a few ms
+    # between writes a backing-off reader can miss every gap on a loaded machine.
+    n = 12
     writer = _python(f"""
         import time
         from scylla.store import insert_run
         for i in range({n}):
             insert_run({str(db)!r}, {{"id": f"w{{i:03d}}", "tokens": 1000 * (i + 1), "tau": 2.0, "category": "all"}})
-            time.sleep(0.01)
+            time.sleep(0.25)
         print("done", flush=True)
     """)
     seen, sizes = 0, set()
