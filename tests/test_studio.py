@@ -341,10 +341,7 @@ def test_prewarm_imports_runs_once_per_process(monkeypatch):
     monkeypatch.setenv("SCYLLA_PREWARM", "1")
     assert studio.prewarm_imports(("json", "no_such_module_xyz")) is True
     assert studio.prewarm_imports(("json",)) is False
-    for _ in range(100):
-        if len(imported) == 2:
-            break
-        time.sleep(0.01)
+    assert _wait_for(lambda: len(imported) == 2)
     assert imported == ["json", "no_such_module_xyz"]
 
 
