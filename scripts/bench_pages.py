@@ -7,11 +7,13 @@ store read); "warm" is the median of later visits by sidebar navigation from the
 overview (what a user does: the Streamlit frontend stays loaded) and "reload" the
 median of full page loads, both measured once the server is idle again (the target
 loaded in the background by the cold visits). A page counts as rendered when its title
-is visible, the script run is over and every Plotly chart on it is drawn. Then the live page's time to the first token on each side,
-from the click on Generate, with the default (scylla) and the n-gram draft: the first
-run loads the target, the later ones (median) are what a user sees after that. The page
-prefills the prompt on screen in the background, so a last case types a new prompt and
-clicks at once (no time for that).
+is visible, the script run is over and every Plotly chart on it is drawn.
+
+Then the live page's time to the first token on each side, from the click on Generate,
+with the default (scylla) and the n-gram draft: the first run loads the target, the
+later ones (median) are what a user sees after that. The page prefills the prompt on
+screen in the background, so a last case types a new prompt and clicks at once (no
+time for that).
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -49,6 +50,17 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 
+def wait_for(condition, timeout_s: float = 30.0, every_s: float = 0.02) -> bool:
+    """Poll until condition() holds; False after timeout_s. Waits on background work
+    are generous: a loaded CI machine starts threads and processes slowly."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(every_s)
+    return False
+
+
 def _free_port() -> int:
     import socket
 
@@ -58,7 +70,6 @@ def _free_port() -> int:
 
 
 def _wait_healthy(url: str, proc, timeout_s: float = 90.0) -> None:
-    import time
     import urllib.request
 
     deadline = time.monotonic() + timeout_s

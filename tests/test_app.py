@@ -14,6 +14,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from scylla import store
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
@@ -333,10 +334,7 @@ def test_runs_page_starts_a_background_sweep_and_shows_its_log(ref_db, monkeypat
     assert not at.exception and not at.error, messages(at.error)
     assert any("Sweep started" in m.value for m in at.success)
     folder = studio.list_sweeps()[0]
-    for _ in range(600):  # 30 s: a loaded CI machine starts Python slowly
-        if (folder / "rc").is_file():
-            break
-        __import__("time").sleep(0.05)
+    assert wait_for(lambda: (folder / "rc").is_file())
     at.run()
     assert any("finished" in e.label for e in at.expander)
     assert any("run 2/2" in c.value for c in at.code)

@@ -13,6 +13,7 @@ import pytest
 
 from scylla import ScyllaError, live, studio
 from scylla.trace import Step
+from tests.conftest import wait_for
 
 
 class FakeTokenizer:
@@ -295,15 +296,6 @@ def test_prewarm_loads_the_target_once_while_a_click_waits_for_it(monkeypatch):
     assert live.prewarm_prefill("int8", "Hello", 8) is False and calls == ["none"]
 
 
-def _wait_for(condition, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_the_prompt_on_screen_is_prefilled_in_the_background_and_reused(monkeypatch, tiny):
     from scylla.decoding import generate_ids
 
@@ -312,7 +304,7 @@ def test_the_prompt_on_screen_is_prefilled_in_the_background_and_reused(monkeypa
     monkeypatch.setattr(live, "check_prompt_text", lambda text, target, n: list(prompt))
     monkeypatch.setenv("SCYLLA_PREWARM", "1")
     assert live.prewarm_prefill("none", "five tokens", 8) is True
-    assert _wait_for(lambda: live.has_prefill(tiny, prompt))
+    assert wait_for(lambda: live.has_prefill(tiny, prompt))
     state = live.prompt_prefill(tiny, prompt)
     assert live.prompt_prefill(tiny, prompt) is state  # reused, not run again
     assert state.hidden is not None and state.verify_ms > 0  # any draft can read it; its time is charged
@@ -341,7 +333,7 @@ def test_prewarm_imports_runs_once_per_process(monkeypatch):
     monkeypatch.setenv("SCYLLA_PREWARM", "1")
     assert studio.prewarm_imports(("json", "no_such_module_xyz")) is True
     assert studio.prewarm_imports(("json",)) is False
-    assert _wait_for(lambda: len(imported) == 2)
+    assert wait_for(lambda: len(imported) == 2)
     assert imported == ["json", "no_such_module_xyz"]
 
 

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from scylla import ScyllaError
 from scylla.models import bundled_cache_dir
 from scylla.store import init_db, runs_frame
 from scylla.sweep import grid_points, load_config, point_id
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_llama, wait_for
 
 
 def write(tmp_path, text, name="s.toml"):
@@ -69,11 +68,7 @@ def test_sweep_resumes_after_a_kill_without_loss_or_duplicates(tmp_path, tiny_ta
     cmd = [sys.executable, "-m", "scylla.cli", "sweep", config, "--db", db]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if len(runs_frame(db)) > 0:
-            break
-        time.sleep(0.5)
+    wait_for(lambda: proc.poll() is not None or len(runs_frame(db)) > 0, timeout_s=240, every_s=0.5)
     proc.kill()
     proc.wait()
     first = runs_frame(db)
