@@ -1,49 +1,23 @@
 """Draft kinds behind one small interface.
 
-A draft sees what the target has processed (`observe`) and proposes k tokens after
-a context (`propose`), returning them with their draft probabilities q (None for a
-deterministic proposal, which verification treats as one-hot q).
+The interface (`Draft`, in scylla/proposals.py): a draft sees what the target has processed
+(`observe`) and proposes k tokens after a context (`propose`), returning them with their
+draft probabilities q (None for a deterministic proposal: one-hot q), or a tree.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 from scylla import ScyllaError
-from scylla.decoding import DraftTree, logits_to_probs, rollback, sample
+from scylla.head import load_head_draft, named_draft_dir
+from scylla.lean import LeanLM
+from scylla.proposals import Draft, DraftTree, logits_to_probs, sample
 
 NAMED_DRAFTS = ("scylla", "eagle3-style", "eagle2-style")
 DRAFT_CHOICES = ("none", "ngram", "layerskip:8", *NAMED_DRAFTS)
-
-
-class Draft:
-    name = "draft"
-    needs_hidden = False
-
-    def reset(self) -> None:
-        """Forget the previous sequence."""
-
-    def fork(self) -> "Draft":
-        """A twin with its own sequence state and shared weights (one per batch row)."""
-        twin = copy.copy(self)
-        twin.reset()
-        return twin
-
-    def observe(self, tokens: list[int], hidden) -> None:
-        """The target has now processed `tokens` (hidden: its hidden states for them)."""
-
-    def propose(self, context: list[int], k: int, temperature: float, top_p: float,
-                generator) -> tuple[list[int], torch.Tensor | None]:
-        raise NotImplementedError
-
-    def propose_tree(self, context: list[int], shape, temperature: float, top_p: float,
-                     generator) -> DraftTree:
-        """A draft tree; drafts without a tree of their own give their greedy chain."""
-        drafted, _ = self.propose(context, shape.depth, 0.0, 1.0, None)
-        return DraftTree.chain(drafted)
+__all__ = ["Draft", "NgramDraft", "LayerSkipDraft", "make_draft", "check_draft_spec"]
 
 
 class NgramDraft(Draft):
@@ -57,9 +31,11 @@ class NgramDraft(Draft):
 
     def propose(self, context, k, temperature, top_p, generator):
         for n in range(self.max_ngram, self.min_ngram - 1, -1):
-            found = find_continuation(context, n, k)
+            found, run = find_continuation(context, n, k)
             if found:
-                return found, None
+                # propose long only where the match runs long: a copied passage matches far
+                # back, a chance 2-gram does not, and each extra token widens the verify
+                return found[:max(1, run - 1)], None
         return [], None  # nothing matches: propose nothing, pay nothing
 
     def propose_tree(self, context, shape, temperature, top_p, generator):
@@ -103,42 +79,55 @@ def trie_of(sequences: list[list[int]], total: int) -> DraftTree:
     return DraftTree(tokens, parents)
 
 
-def find_continuation(context: list[int], n: int, k: int) -> list[int]:
+def find_continuation(context: list[int], n: int, k: int, longest: int = 16) -> tuple[list[int], int]:
+    """What followed the latest earlier match of the n-token tail, and how far back that
+    match runs (n up to `longest` tokens)."""
     if len(context) <= n:
-        return []
+        return [], 0
     tail = context[-n:]
     for start in range(len(context) - n - 1, -1, -1):
         if context[start:start + n] == tail:
-            return context[start + n:start + n + k]
-    return []
+            return context[start + n:start + n + k], match_run(context, start + n, longest)
+    return [], 0
+
+
+def match_run(context: list[int], end: int, longest: int) -> int:
+    """How many tokens before `end` equal the tokens before the context's end."""
+    run = 0
+    while run < longest and end - run - 1 >= 0 and context[end - run - 1] == context[-run - 1]:
+        run += 1
+    return run
 
 
 class LayerSkipDraft(Draft):
-    """The target's first `layers` decoder layers, its final norm and its head."""
+    """The target's first `layers` decoder layers, its final norm and its head (lean forward)."""
 
     def __init__(self, target, layers: int):
         total = target.model.config.num_hidden_layers
         if not 1 <= layers < total:
             raise ScyllaError(f"layerskip:K needs 1 <= K < {total}, got {layers}")
+        if target.quant != "none" and target.lean_quant == "none":
+            raise ScyllaError("layerskip runs on the lean forward; it cannot read bitsandbytes weights "
+                              "(use --quant none, or int8 on CPU)")
         self.name = f"layerskip:{layers}"
-        self.device = target.device
-        self.model = shallow_prefix_model(target.model, layers)
-        self.cache = DynamicCache()
-        self.cached: list[int] = []
+        self.lm = LeanLM(target.model, target.lean_quant, layers=layers)
+        self.reset()
 
     def reset(self):
-        self.cache = DynamicCache()
-        self.cached = []
+        self.cache = self.lm.new_cache(1, 512)
+        self.cached: list[int] = []
 
     @torch.inference_mode()
     def propose(self, context, k, temperature, top_p, generator):
         keep = common_prefix(self.cached, context[:-1])
-        rollback(self.cache, keep)
+        self.cache.set_length(0, keep)
         pending = context[keep:]
         drafted, rows = [], []
         for _ in range(k):
-            ids = torch.tensor([pending], device=self.device)
-            logits = self.model(input_ids=ids, cache=self.cache, use_cache=True).logits[0, -1]
+            logits, _ = self.lm.forward(torch.tensor([pending]), self.cache,
+                                        logits_at=torch.tensor([[len(pending) - 1]]))
+            self.cache.keep(0, list(range(len(pending))))
+            logits = logits[0, -1].float()
             probs = logits_to_probs(logits[None], temperature, top_p)[0]
             tok = int(logits.argmax()) if temperature <= 0 else sample(probs, generator)
             drafted.append(tok)
@@ -155,26 +144,6 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-def shallow_prefix_model(model, layers: int):
-    """A view of the causal LM that runs only its first `layers` layers (weights shared)."""
-    view = shallow_module_copy(model)
-    view.model = shallow_module_copy(model.model)
-    view.model.layers = torch.nn.ModuleList(list(model.model.layers)[:layers])
-    view.config = copy.deepcopy(model.config)
-    view.config.num_hidden_layers = layers
-    view.model.config = view.config
-    return view
-
-
-def shallow_module_copy(module: torch.nn.Module) -> torch.nn.Module:
-    # copy.copy alone would share the _modules dict, so edits would leak into the target
-    view = copy.copy(module)
-    view._modules = dict(module._modules)
-    view._parameters = dict(module._parameters)
-    view._buffers = dict(module._buffers)
-    return view
 
 
 def check_draft_spec(spec: str) -> None:
@@ -201,8 +170,6 @@ def make_draft(spec: str, target) -> Draft | None:
         if not num.isdigit():
             raise ScyllaError(f"bad draft spec {spec!r}; use layerskip:K with an integer K")
         return LayerSkipDraft(target, int(num))
-    from scylla.head import load_head_draft, named_draft_dir
-
     if spec in NAMED_DRAFTS:
         return load_head_draft(named_draft_dir(spec), target, name=spec)
     if Path(spec).is_dir():

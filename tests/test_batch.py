@@ -9,8 +9,8 @@ import torch
 from scipy import stats
 
 from scylla import ScyllaError
-from scylla.decoding import (RaggedCache, batch_generate, batch_generate_ids, best_draft_length,
-                             generate_ids)
+from scylla.decoding import batch_generate, batch_generate_ids, best_draft_length, generate_ids
+from scylla.lean import KVCache
 from scylla.drafts import LayerSkipDraft, NgramDraft
 from tests.conftest import tiny_target
 from tests.test_engine import RandomDraft, exact_joint_23, one_thread, plain_greedy, random_prompt  # noqa: F401
@@ -88,19 +88,20 @@ def test_a_bad_row_refuses_the_batch_and_names_it(bad_row, prompt):
         batch_generate_ids(target, NgramDraft(), prompts, max_new_tokens=20, k=3)
 
 
-def test_ragged_cache_drops_rejected_slots_and_finished_rows():
-    cache = RaggedCache()
-    cache.cache.update(torch.arange(3 * 4.).reshape(3, 1, 4, 1).repeat(1, 1, 1, 2),
-                       torch.zeros(3, 1, 4, 2), 0)
-    block = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    cache.append(block, keep_rows=torch.tensor([0, 1]))
-    assert cache.valid.tolist() == [[True, True], [True, True]]
-    keys = cache.cache.layers[0].keys[:, 0, :, 0]
-    assert keys.tolist() == [[0.0, 1.0], [4.0, 6.0]]  # row 1 kept slots 0 and 2, packed
-    more = torch.tensor([[1, 0], [0, 0]], dtype=torch.bool)
-    cache.cache.update(torch.full((2, 1, 2, 2), 9.0), torch.zeros(2, 1, 2, 2), 0)
-    cache.append(more, keep_rows=torch.tensor([0, 1]))
-    assert cache.valid.tolist() == [[True, True, True], [False, True, True]]  # left padding
+def test_kv_cache_keeps_accepted_slots_and_drops_finished_rows():
+    cache = KVCache(n_layers=1, rows=3, kv_heads=1, head_dim=1, capacity=8)
+    cache.keys[0][:, 0, :, 0] = torch.arange(3 * 8.).reshape(3, 8)
+    cache.lengths[:] = torch.tensor([2, 1, 0])
+    cache.keep(0, [0, 1])      # a chain: nothing moves
+    cache.keep(1, [0, 2, 3])   # a tree path: slots 1+2 and 1+3 move down
+    cache.keep(2, [])
+    assert cache.lengths.tolist() == [4, 4, 0]
+    assert cache.keys[0][1, 0, :4, 0].tolist() == [8.0, 9.0, 11.0, 12.0]
+    cache.select_rows([1])
+    assert cache.rows == 1 and cache.lengths.tolist() == [4]
+    assert cache.keys[0][0, 0, :4, 0].tolist() == [8.0, 9.0, 11.0, 12.0]
+    cache.reserve(20)
+    assert cache.capacity >= 20 and cache.keys[0][0, 0, :4, 0].tolist() == [8.0, 9.0, 11.0, 12.0]
 
 
 def test_draft_length_choice_follows_cost_and_acceptance():

@@ -9,7 +9,8 @@ import torch
 from scipy import stats
 
 from scylla import ScyllaError
-from scylla.decoding import DraftTree, TreeShape, generate_ids, target_forward, tree_attention
+from scylla.decoding import DraftTree, TreeShape, generate_ids, prefill_prompt
+from scylla.lean import attention_allowed
 from scylla.drafts import Draft, LayerSkipDraft, NgramDraft, trie_of
 from tests.conftest import tiny_target
 from tests.test_head import head_draft
@@ -69,7 +70,7 @@ def test_trie_merges_shared_prefixes_and_caps_its_size():
 
 def test_tree_mask_sees_the_context_and_own_ancestors_only():
     tree = DraftTree([10, 11, 12, 13], [-1, -1, 0, 2])
-    allowed = tree_attention(tree, past=2, dtype=torch.float32)[0, 0] == 0
+    allowed = attention_allowed(torch.tensor([2]), tree.block_mask()[None], span=7)[0, 0]
     assert allowed[:, :3].all()  # two context slots and the root
     assert allowed[3, 3:].tolist() == [True, False, True, False]  # node 2 sees node 0 and itself
     assert allowed[4, 3:].tolist() == [True, False, True, True]
@@ -81,9 +82,9 @@ def test_head_tree_of_width_one_is_the_head_chain(tmp_path):
     draft = head_draft(target, tmp_path)
     prompt = [5, 9, 33, 12, 40, 7]
     twin = draft.fork()
+    state = prefill_prompt(target, prompt)
     for d in (draft, twin):
-        _, hidden = target_forward(target, prompt, __import__("transformers").DynamicCache(), True)
-        d.observe(prompt, hidden)
+        d.observe(prompt, state.features_of(d.feature_layers))
     context = prompt + [17]
     chain, _ = draft.propose(context, 5, 0.0, 1.0, None)
     tree = twin.propose_tree(context, TreeShape(5, 1, 5), 0.0, 1.0, None)

@@ -1,0 +1,408 @@
+"""The target's forward without transformers' per-module overhead (gpt-fast's model.py in spirit).
+
+Built from a loaded transformers Llama (no new weight files): fused QKV and gate/up
+projections, RMSNorm and RoPE as plain tensor ops, a preallocated KV cache whose rollback
+sets a length, tree attention from a block mask and per-node positions, ragged batches,
+and the hidden states of chosen layers. On CPU the linears are prepacked for oneDNN, which
+makes a 5-token forward cost about what a 1-token one does; elsewhere they run as F.linear.
+
+`HFForward` runs the transformers model itself behind the same interface: the reference
+path (`--backend hf`) that the tests hold the lean path equal to. Nothing here knows about
+drafting; the engine and the drafts use `forward`, `KVCache.keep` and `KVCache.set_length`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from scylla import ScyllaError
+
+BACKENDS = ("lean", "hf")
+
+
+# ---------------------------------------------------------------- linears
+
+def can_prepack(device) -> bool:
+    return str(device).startswith("cpu") and torch.backends.mkldnn.is_available()
+
+
+class Linear:
+    """y = x @ W.T, with W prepacked for oneDNN on CPU (one reorder at load, none per call)."""
+
+    def __init__(self, weight: torch.Tensor, kind: str = "fp32"):
+        weight = weight.detach().contiguous()
+        self.out_features = weight.shape[0]
+        self.kind = kind
+        if kind == "int8":
+            self.weight = int8_prepack(weight)
+        elif kind == "packed":
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        else:
+            self.weight = weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "packed":
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+        if self.kind == "int8":
+            return torch.ops.quantized.linear_dynamic(x, self.weight, True)
+        return F.linear(x, self.weight)
+
+
+def int8_prepack(weight: torch.Tensor):
+    """Per-output-channel symmetric int8 weights for PyTorch's dynamic int8 linear (fbgemm)."""
+    scale = weight.abs().amax(1).clamp_min(1e-8) / 127.0
+    q = torch.quantize_per_channel(weight.float(), scale.double(), torch.zeros_like(scale, dtype=torch.long),
+                                   0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(q, None)
+
+
+def linear_kind(device, quant: str, dtype=torch.float32) -> str:
+    if quant == "int8":
+        if not str(device).startswith("cpu"):
+            raise ScyllaError("the lean int8 path runs on CPU; on CUDA use --backend hf --quant int8 (bitsandbytes)")
+        return "int8"
+    return "packed" if can_prepack(device) and dtype == torch.float32 else "fp32"
+
+
+# ---------------------------------------------------------------- KV cache
+
+class KVCache:
+    """Preallocated keys and values, [layers] x [rows, kv_heads, capacity, head_dim].
+
+    Row b holds `lengths[b]` real slots, in order, at 0..lengths[b]-1 (slot = position).
+    A forward writes its block at lengths[b].. and leaves the length alone; the caller then
+    keeps what it accepted with `keep` (a path through a tree: a few slot copies) or
+    `set_length` (rollback)."""
+
+    def __init__(self, n_layers: int, rows: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype=torch.float32, device="cpu"):
+        shape = (rows, kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.lengths = torch.zeros(rows, dtype=torch.long)
+        self.capacity = capacity
+
+    @property
+    def rows(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def length(self, row: int = 0) -> int:
+        return int(self.lengths[row])
+
+    def set_length(self, row: int, length: int) -> None:
+        self.lengths[row] = length
+
+    def keep(self, row: int, block_slots: list[int]) -> None:
+        """Keep these slots of the block just written (relative to the row's length, in
+        increasing order, 0 = the block's first token) and append them to the row."""
+        base = int(self.lengths[row])
+        if block_slots != list(range(len(block_slots))):
+            src = torch.tensor([base + s for s in block_slots], device=self.keys[0].device)
+            dst = slice(base, base + len(block_slots))
+            for keys, values in zip(self.keys, self.values):
+                keys[row, :, dst] = keys[row, :, src]
+                values[row, :, dst] = values[row, :, src]
+        self.lengths[row] = base + len(block_slots)
+
+    def select_rows(self, rows: list[int]) -> None:
+        """Keep only these rows (finished rows stop costing compute)."""
+        if rows == list(range(self.rows)):
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.keys[0].device)
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.lengths = self.lengths[torch.tensor(rows, dtype=torch.long)]
+
+    def clone(self) -> "KVCache":
+        twin = object.__new__(KVCache)
+        twin.keys = [k.clone() for k in self.keys]
+        twin.values = [v.clone() for v in self.values]
+        twin.lengths, twin.capacity = self.lengths.clone(), self.capacity
+        return twin
+
+    def reserve(self, capacity: int) -> None:
+        """Grow (by copying into larger buffers) so that `capacity` slots fit."""
+        if capacity <= self.capacity:
+            return
+        capacity = max(capacity, 2 * self.capacity)
+        self.keys = [grown(k, capacity) for k in self.keys]
+        self.values = [grown(v, capacity) for v in self.values]
+        self.capacity = capacity
+
+    def check_room(self, width: int) -> None:
+        self.reserve(int(self.lengths.max()) + width)
+
+
+def grown(buffer: torch.Tensor, capacity: int) -> torch.Tensor:
+    out = buffer.new_zeros(*buffer.shape[:2], capacity, buffer.shape[-1])
+    out[:, :, :buffer.shape[2]] = buffer
+    return out
+
+
+# ---------------------------------------------------------------- masks and positions
+
+def causal_block(rows: int, width: int) -> torch.Tensor:
+    return torch.ones(width, width, dtype=torch.bool).tril()[None].expand(rows, -1, -1)
+
+
+def attention_allowed(lengths: torch.Tensor, block: torch.Tensor, span: int) -> torch.Tensor:
+    """Bool [B, 1, W, span]: row b's query i sees its past slots (< lengths[b]) and the
+    block slots lengths[b] + j that block[b, i, j] allows."""
+    rows, width, _ = block.shape
+    col = torch.arange(span)[None]                       # [1, span]
+    rel = col - lengths[:, None]                         # slot's offset into the block
+    in_block = (rel >= 0) & (rel < width)
+    picked = block.gather(2, rel.clamp(0, width - 1)[:, None, :].expand(rows, width, span))
+    allowed = (rel < 0)[:, None, :] | (in_block[:, None, :] & picked)
+    return allowed[:, None]
+
+
+def rope_table(head_dim: int, theta: float, capacity: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(capacity, dtype=torch.float32), inv)
+    emb = torch.cat([freqs, freqs], -1)
+    return emb.cos().to(device), emb.sin().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def rope_theta_of(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    theta = theta or getattr(config, "rope_theta", None) or 10000.0
+    if isinstance(params, dict) and params.get("rope_type", "default") not in ("default", None):
+        raise ScyllaError(f"lean forward supports default RoPE only, not {params.get('rope_type')!r}")
+    return float(theta)
+
+
+# ---------------------------------------------------------------- the stack
+
+class LeanStack:
+    """Llama decoder layers plus the final norm, as fused and prepacked weights."""
+
+    def __init__(self, layers, norm, config, kind: str, device):
+        self.hidden = config.hidden_size
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.heads
+        self.eps = config.rms_norm_eps
+        self.theta = rope_theta_of(config)
+        self.layers = [self.fuse_layer(layer, kind) for layer in layers]
+        self.norm = norm.weight.detach()
+        self.split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        self.device = device
+        self.cos = self.sin = torch.empty(0)
+
+    def fuse_layer(self, layer, kind: str) -> dict:
+        a, m = layer.self_attn, layer.mlp
+        if any(getattr(p, "bias", None) is not None for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)):
+            raise ScyllaError("lean forward supports bias-free Llama attention only; use --backend hf")
+        return dict(qkv=Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), kind),
+                    o=Linear(a.o_proj.weight, kind),
+                    gate_up=Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), kind),
+                    down=Linear(m.down_proj.weight, kind),
+                    n1=layer.input_layernorm.weight.detach(),
+                    n2=layer.post_attention_layernorm.weight.detach())
+
+    def new_cache(self, rows: int, capacity: int, dtype=torch.float32) -> KVCache:
+        self.ensure_rope(capacity)
+        return KVCache(len(self.layers), rows, self.kv_heads, self.head_dim, capacity, dtype, self.device)
+
+    def ensure_rope(self, capacity: int) -> None:
+        if self.cos.shape[0] < capacity:
+            self.cos, self.sin = rope_table(self.head_dim, self.theta, max(capacity, 256), self.device)
+
+    def run(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor, allowed: torch.Tensor | None,
+            keep_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """x [B, W, H] at `positions` [B, W]; writes K/V at each row's length onward.
+        Returns the normed output [B, W, H] and {i: hidden after layer i} for keep_layers
+        (transformers' hidden_states numbering: 0 = the input, len(layers) = after the norm)."""
+        rows, width, _ = x.shape
+        cache.check_room(width)
+        self.ensure_rope(int(positions.max()) + 1)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]   # [B, 1, W, D]
+        slots = (cache.lengths[:, None] + torch.arange(width)[None]).to(x.device)  # [B, W]
+        span = int(cache.lengths.max()) + width
+        same = bool((cache.lengths == cache.lengths[0]).all())
+        kept = {0: x} if 0 in keep_layers else {}
+        flat = x.reshape(rows * width, self.hidden)
+        for i, p in enumerate(self.layers):
+            flat = self.layer(flat, p, cache, i, rows, width, cos, sin, slots, span, same, allowed)
+            if i + 1 in keep_layers and i + 1 < len(self.layers):
+                kept[i + 1] = flat.view(rows, width, self.hidden)
+        out = torch.rms_norm(flat, (self.hidden,), self.norm, self.eps).view(rows, width, self.hidden)
+        if len(self.layers) in keep_layers:
+            kept[len(self.layers)] = out
+        return out, kept
+
+    def layer(self, flat, p, cache, i, rows, width, cos, sin, slots, span, same, allowed):
+        q, k, v = p["qkv"](torch.rms_norm(flat, (self.hidden,), p["n1"], self.eps)).split(self.split, -1)
+        q = apply_rope(q.view(rows, width, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(rows, width, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(rows, width, self.kv_heads, self.head_dim).transpose(1, 2)
+        keys, values = cache.keys[i], cache.values[i]
+        if same:  # every row writes at the same slots: a plain slice
+            start = int(cache.lengths[0])
+            keys[:, :, start:start + width] = k
+            values[:, :, start:start + width] = v
+        else:
+            row_idx = torch.arange(rows, device=flat.device)[:, None]
+            keys[row_idx, :, slots] = k.transpose(1, 2)
+            values[row_idx, :, slots] = v.transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=allowed,
+                                           enable_gqa=self.heads != self.kv_heads)
+        flat = flat + p["o"](o.transpose(1, 2).reshape(rows * width, self.heads * self.head_dim))
+        gate, up = p["gate_up"](torch.rms_norm(flat, (self.hidden,), p["n2"], self.eps)).chunk(2, -1)
+        return flat + p["down"](F.silu(gate) * up)
+
+
+def block_positions(lengths: torch.Tensor, offsets: torch.Tensor | None, width: int) -> torch.Tensor:
+    """Per-row positions of a block: length + offset (offset = depth in a tree, index in a chain)."""
+    if offsets is None:
+        offsets = torch.arange(width)[None].expand(lengths.shape[0], -1)
+    return lengths[:, None] + offsets
+
+
+def mask_for(cache: KVCache, block: torch.Tensor | None, width: int, device) -> torch.Tensor | None:
+    """None where plain causal attention over the whole span is exact (one row, one token)."""
+    rows = cache.rows
+    if block is None and rows == 1 and width == 1:
+        return None
+    if block is None:
+        block = causal_block(rows, width)
+    span = int(cache.lengths.max()) + width
+    return attention_allowed(cache.lengths, block, span).to(device)
+
+
+# ---------------------------------------------------------------- the target
+
+class LeanLM:
+    """Embedding, LeanStack and the LM head of a loaded transformers Llama."""
+
+    backend = "lean"
+
+    def __init__(self, model, quant: str = "none", layers: int | None = None):
+        """layers: run only the first `layers` decoder layers (a layer-skip draft)."""
+        check_llama_shaped(model)
+        weight = model.get_input_embeddings().weight
+        device = weight.device
+        self.kind = linear_kind(device, quant, weight.dtype)
+        inner = model.model
+        self.stack = LeanStack(list(inner.layers)[:layers], inner.norm, model.config, self.kind, device)
+        self.embed = model.get_input_embeddings().weight.detach()
+        self.head = Linear(model.get_output_embeddings().weight, self.kind)
+        self.vocab = self.head.out_features
+        self.n_layers = len(self.stack.layers)
+        self.device = device
+
+    @property
+    def kernels(self) -> str:
+        return {"packed": "lean forward, oneDNN-prepacked fp32 linears",
+                "int8": "lean forward, PyTorch dynamic int8 linears (fbgemm)",
+                "fp32": "lean forward, fp32 F.linear"}[self.kind]
+
+    def new_cache(self, rows: int, capacity: int) -> KVCache:
+        return self.stack.new_cache(rows, capacity, self.embed.dtype)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache: KVCache, offsets: torch.Tensor | None = None,
+                block: torch.Tensor | None = None, features: tuple[int, ...] = (),
+                logits_at: torch.Tensor | None = None):
+        """ids [B, W] written after each row's cached slots. offsets [B, W]: each token's
+        position past the row's length (tree depth; default 0..W-1); block [B, W, W]: which
+        block slots each token sees (default causal). logits_at [B, K]: block indices whose
+        logits to compute (default all). Returns logits and the concatenated features of
+        `features` layers [B, W, len(features) * H] (None when none are asked)."""
+        rows, width = ids.shape
+        positions = block_positions(cache.lengths, offsets, width).to(self.device)
+        allowed = mask_for(cache, block, width, self.device)
+        x = self.embed[ids.to(self.device)]
+        out, kept = self.stack.run(x, cache, positions, allowed, features)
+        if logits_at is not None:
+            out = out.gather(1, logits_at.to(self.device)[..., None].expand(-1, -1, out.shape[-1]))
+        logits = self.head(out.reshape(-1, out.shape[-1])).view(rows, -1, self.vocab)
+        return logits, concat_features(kept, features)
+
+
+def concat_features(kept: dict, features: tuple[int, ...]):
+    if not features:
+        return None
+    return torch.cat([kept[i] for i in features], -1)
+
+
+def check_llama_shaped(model) -> None:
+    kind = getattr(model.config, "model_type", "")
+    if kind not in ("llama", "mistral") or getattr(model.config, "sliding_window", None):
+        raise ScyllaError(f"the lean forward covers Llama-shaped targets, not {kind!r}; use --backend hf")
+    if getattr(model.config, "attention_bias", False) or getattr(model.config, "mlp_bias", False):
+        raise ScyllaError("the lean forward covers bias-free Llama layers; use --backend hf")
+    if getattr(model.config, "hidden_act", "silu") != "silu":
+        raise ScyllaError("the lean forward covers SiLU MLPs only; use --backend hf")
+
+
+# ---------------------------------------------------------------- the reference: transformers itself
+
+class HFForward:
+    """The transformers model behind LeanLM's interface and cache (slow; the reference)."""
+
+    backend = "hf"
+    kernels = "transformers forward"
+
+    def __init__(self, model):
+        self.model = model
+        c = model.config
+        self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.heads
+        self.n_layers = c.num_hidden_layers
+        self.vocab = c.vocab_size
+        self.device = model.get_input_embeddings().weight.device
+
+    def new_cache(self, rows: int, capacity: int) -> KVCache:
+        dtype = self.model.get_input_embeddings().weight.dtype
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            dtype = torch.float32
+        return KVCache(self.n_layers, rows, self.kv_heads, self.head_dim, capacity, dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, ids, cache, offsets=None, block=None, features=(), logits_at=None):
+        from transformers import DynamicCache
+
+        rows, width = ids.shape
+        cache.check_room(width)
+        past = int(cache.lengths.max())
+        dyn = DynamicCache()
+        for i in range(self.n_layers):
+            dyn.update(cache.keys[i][:, :, :past], cache.values[i][:, :, :past], i)
+        if block is None:
+            block = causal_block(rows, width)
+        allowed = torch.cat([(torch.arange(past)[None] < cache.lengths[:, None])[:, None].expand(-1, width, -1),
+                             block], -1)
+        dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        positions = block_positions(cache.lengths, offsets, width)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask[:, None].to(self.device),
+                         position_ids=positions.to(self.device), cache=dyn, use_cache=True,
+                         output_hidden_states=bool(features))
+        for i, layer in enumerate(dyn.layers):  # move the block's new slots to each row's length
+            for b in range(rows):
+                at = int(cache.lengths[b])
+                cache.keys[i][b, :, at:at + width] = layer.keys[b, :, past:past + width]
+                cache.values[i][b, :, at:at + width] = layer.values[b, :, past:past + width]
+        logits = out.logits
+        if logits_at is not None:
+            logits = logits.gather(1, logits_at.to(logits.device)[..., None].expand(-1, -1, logits.shape[-1]))
+        feats = torch.cat([out.hidden_states[i] for i in features], -1) if features else None
+        return logits.float(), feats
+
+
+def make_forward(model, backend: str = "lean", quant: str = "none"):
+    """The forward the engine runs: lean where the target is Llama-shaped and unquantized
+    by bitsandbytes, else transformers'."""
+    if backend not in BACKENDS:
+        raise ScyllaError(f"unknown --backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "hf":
+        return HFForward(model)
+    return LeanLM(model, quant)
