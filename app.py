@@ -1,9 +1,16 @@
-"""Scylla Studio: overview and navigation. Run with `streamlit run app.py`."""
+"""Scylla Studio: overview and navigation. Run with `streamlit run app.py`.
+
+The pages live in app_pages/, not pages/: Streamlit treats a folder named pages/ as its
+older automatic navigation, and a page opened by URL then ran on its own, listing the
+overview as "app". With st.navigation alone, the overview is "Overview" however one arrives.
+"""
+from pathlib import Path
+
 import streamlit as st
 
 from scylla import ScyllaError, live, plots, studio
 
-PAGES_DIR = "pages"
+PAGES_DIR = Path(__file__).resolve().parent / "app_pages"
 
 
 def overview() -> None:
@@ -18,15 +25,15 @@ def overview() -> None:
         "**tokens**, its **layers**, and the decoding **batch**.")
 
     st.subheader("Pages")
-    c1, c2, c3, c4 = st.columns(4)
-    c1.page_link("pages/1_Live_decoding.py", label="Live decoding", icon=":material/bolt:")
-    c1.caption("Plain and speculative decoding side by side, token by token.")
-    c2.page_link("pages/2_Scaling_laws.py", label="Scaling laws", icon=":material/show_chart:")
-    c2.caption("Fit the log-linear laws with confidence and prediction bands.")
-    c3.page_link("pages/3_Regression_lab.py", label="Regression lab", icon=":material/science:")
-    c3.caption("SQL over the results and OLS / WLS / GLM formulas.")
-    c4.page_link("pages/4_Runs_and_sweeps.py", label="Runs and sweeps", icon=":material/table_view:")
-    c4.caption("Browse runs, compare drafts, start a small sweep.")
+    captions = {
+        "live": "Plain and speculative decoding side by side, token by token, and why one wins.",
+        "laws": "Fit the log-linear laws with confidence and prediction bands.",
+        "lab": "SQL over the results and OLS / WLS / GLM formulas.",
+        "runs": "Browse runs, compare drafts, start a small sweep.",
+    }
+    for col, (name, caption) in zip(st.columns(4), captions.items()):
+        col.page_link(PAGES[name])
+        col.caption(caption)
 
     st.subheader("Loaded in this app")
     loaded = live.loaded_summary()
@@ -74,17 +81,18 @@ def overview() -> None:
 
 
 st.set_page_config(page_title="Scylla Studio", layout="wide")
-navigation = st.navigation([
-    st.Page(overview, title="Overview", icon=":material/home:", default=True),
-    st.Page(f"{PAGES_DIR}/1_Live_decoding.py", title="Live decoding", icon=":material/bolt:",
-            url_path="Live_decoding"),
-    st.Page(f"{PAGES_DIR}/2_Scaling_laws.py", title="Scaling laws", icon=":material/show_chart:",
-            url_path="Scaling_laws"),
-    st.Page(f"{PAGES_DIR}/3_Regression_lab.py", title="Regression lab", icon=":material/science:",
-            url_path="Regression_lab"),
-    st.Page(f"{PAGES_DIR}/4_Runs_and_sweeps.py", title="Runs and sweeps",
-            icon=":material/table_view:", url_path="Runs_and_sweeps"),
-])
+PAGES = {
+    "live": st.Page(PAGES_DIR / "live_decoding.py", title="Live decoding", icon=":material/bolt:",
+                    url_path="Live_decoding"),
+    "laws": st.Page(PAGES_DIR / "scaling_laws.py", title="Scaling laws", icon=":material/show_chart:",
+                    url_path="Scaling_laws"),
+    "lab": st.Page(PAGES_DIR / "regression_lab.py", title="Regression lab", icon=":material/science:",
+                   url_path="Regression_lab"),
+    "runs": st.Page(PAGES_DIR / "runs_and_sweeps.py", title="Runs and sweeps",
+                    icon=":material/table_view:", url_path="Runs_and_sweeps"),
+}
+navigation = st.navigation([st.Page(overview, title="Overview", icon=":material/home:", default=True),
+                            *PAGES.values()])
 try:
     navigation.run()
 finally:

@@ -8,10 +8,13 @@ serialises generation on it so that concurrent sessions never interleave forward
 """
 from __future__ import annotations
 
-import html
+import functools
+import math
 import os
+import statistics
 import threading
 import time
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,6 +280,47 @@ def _prefill_quietly(quant: str, text: str, max_new_tokens: int) -> None:
         pass
 
 
+# ---------------------------------------------------------------- text: literal, whatever the model writes
+
+END_MARKER = "∎"          # what a special token (<|im_end|>, <|endoftext|>, ...) shows as
+END_TITLE = "end of text (a special token)"
+TITLE_CHARS = 160          # hover titles clip long rejected drafts
+
+
+@functools.lru_cache(maxsize=8192)   # a transcript re-renders on every step
+def escape_text(text: str) -> str:
+    """Token text as literal, inert HTML for st.markdown(unsafe_allow_html=True), in element
+    text and attribute values alike (the one escaping function of the live page).
+
+    Letters, digits and spaces stay; every other character becomes a numeric reference
+    (< is &#60;), so no tag, entity, Markdown emphasis, code fence, table pipe, LaTeX $ or
+    backslash escape can form. A newline becomes &#10;: a line break under white-space:
+    pre-wrap (and in a tooltip), never a real line end, which could close the HTML block
+    that Markdown passes through. Control characters become U+FFFD."""
+    text = str(text).replace("\r\n", "\n").replace("\r", "\n")
+    return "".join(_escape_char(ch) for ch in text)
+
+
+def _escape_char(ch: str) -> str:
+    if ch == " " or ch.isalnum():
+        return ch
+    if ch not in "\n\t" and unicodedata.category(ch) in ("Cc", "Cs"):
+        return "&#65533;"
+    return f"&#{ord(ch)};"
+
+
+def clip(text: str, limit: int = TITLE_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def special_ids(tokenizer) -> frozenset[int]:
+    """The tokenizer's special token ids (none for a tokenizer that has no such list)."""
+    try:
+        return frozenset(int(i) for i in (getattr(tokenizer, "all_special_ids", None) or ()))
+    except (TypeError, ValueError):
+        return frozenset()
+
+
 # ---------------------------------------------------------------- transcript
 
 @dataclass
@@ -286,6 +330,11 @@ class Token:
     step: int
     p_target: float | None = None
     q_draft: float | None = None
+    special: bool = False   # shown as END_MARKER, never as its raw text
+
+    @property
+    def shown(self) -> str:
+        return END_MARKER if self.special else self.text
 
 
 @dataclass
@@ -299,6 +348,10 @@ class Transcript:
     ids: list[int] = field(default_factory=list)
     tokens: list[Token] = field(default_factory=list)
     rejected: dict[int, list[Token]] = field(default_factory=dict)
+    specials: frozenset = field(default=frozenset(), init=False)
+
+    def __post_init__(self):
+        self.specials = special_ids(self.tokenizer)
 
     def add(self, step: Step, seconds: float = 0.0) -> None:
         self.steps.append(step)
@@ -308,13 +361,14 @@ class Transcript:
             kind = self._kind(step, j)
             p = step.p_draft[j] if kind == "accepted" and j < len(step.p_draft) else None
             q = step.q_draft[j] if kind == "accepted" and j < len(step.q_draft) else None
-            self.tokens.append(Token(self._piece(len(self.ids) - 1), kind, step.index, p, q))
+            self.tokens.append(Token(self._piece(len(self.ids) - 1), kind, step.index, p, q,
+                                     tok in self.specials))
         refused = rejected_drafts(step)
         if refused:
             self.rejected[step.index] = [
                 Token(self.decode_one(t), "rejected", step.index,
                       step.p_draft[i] if i < len(step.p_draft) else None,
-                      step.q_draft[i] if i < len(step.q_draft) else None)
+                      step.q_draft[i] if i < len(step.q_draft) else None, t in self.specials)
                 for i, t in zip(range(step.accepted, len(step.drafted)), refused)]
 
     def _kind(self, step: Step, j: int) -> str:
@@ -329,20 +383,27 @@ class Transcript:
         return "plain"
 
     def decode_one(self, tok: int) -> str:
-        return self.tokenizer.decode([tok], skip_special_tokens=False)
+        try:
+            return self.tokenizer.decode([tok], skip_special_tokens=False)
+        except Exception:  # noqa: BLE001 - an id the tokenizer lacks shows as a replacement mark
+            return "\ufffd"
 
     def _piece(self, i: int) -> str:
         """Text that token i adds, decoded with a few tokens of left context (byte-level BPE
         tokens may be partial characters, and leading spaces depend on the neighbour)."""
         lo = max(0, i - 6)
-        prefix = self.tokenizer.decode(self.ids[lo:i], skip_special_tokens=False)
-        full = self.tokenizer.decode(self.ids[lo:i + 1], skip_special_tokens=False)
+        try:
+            prefix = self.tokenizer.decode(self.ids[lo:i], skip_special_tokens=False)
+            full = self.tokenizer.decode(self.ids[lo:i + 1], skip_special_tokens=False)
+        except Exception:  # noqa: BLE001
+            return self.decode_one(self.ids[i])
         return full[len(prefix):] if full.startswith(prefix) else self.decode_one(self.ids[i])
 
     # ---- numbers
     @property
     def text(self) -> str:
-        return "".join(t.text for t in self.tokens)
+        """What the model wrote, special tokens left out."""
+        return "".join(t.text for t in self.tokens if not t.special)
 
     @property
     def n_tokens(self) -> int:
@@ -381,25 +442,7 @@ class Transcript:
             "ttft_s": self.ttft_s,
         }
 
-    def step_table(self) -> pd.DataFrame:
-        """One row per step: what was drafted, kept, refused, and the timings."""
-        rows = []
-        for s, sec in zip(self.steps, self.seconds):
-            rows.append({
-                "step": s.index,
-                "drafted": "".join(self.decode_one(t) for t in s.drafted),
-                "n_drafted": len(s.drafted),
-                "accepted": s.accepted,
-                "rejected": "".join(t.text for t in self.rejected.get(s.index, [])),
-                "bonus": self.decode_one(s.bonus) if s.bonus is not None else "",
-                "emitted": len(s.emitted),
-                "draft_ms": round(s.draft_ms, 2),
-                "verify_ms": round(s.verify_ms, 2),
-                "step_ms": round(sec * 1e3, 2),
-            })
-        return pd.DataFrame(rows)
-
-    # ---- HTML
+    # ---- HTML (one line, no raw newline: Markdown keeps it one HTML block)
     def html(self, show_rejected: bool = True) -> str:
         """Coloured spans; rejected drafts are struck through inline (or only on hover)."""
         parts = []
@@ -407,17 +450,46 @@ class Transcript:
             is_last_of_step = i + 1 == len(self.tokens) or self.tokens[i + 1].step != tok.step
             refused = self.rejected.get(tok.step, []) if is_last_of_step else []
             if refused and show_rejected:
-                parts.append(token_span("".join(r.text for r in refused), "rejected",
-                                        f"step {tok.step}: rejected draft tokens"))
+                parts.extend(token_span(r.text, "rejected", f"step {tok.step}: rejected draft token",
+                                        r.special) for r in refused)
             title = f"step {tok.step}: {tok.kind}"
             if tok.p_target is not None:
                 title += f" (target p={tok.p_target:.2f})"
             if refused:
-                title += " | rejected: " + "".join(r.text for r in refused)
-            parts.append(token_span(tok.text, tok.kind, title))
-        return ('<div class="scylla-transcript" style="white-space: pre-wrap; line-height: 1.7; '
-                'font-family: ui-monospace, monospace; font-size: 0.9rem">'
-                + "".join(parts) + "</div>")
+                title += " | rejected: " + clip("".join(r.shown for r in refused))
+            parts.append(token_span(tok.text, tok.kind, title, tok.special))
+        return f'<div class="scylla-transcript" style="{_BOX_STYLE}">' + "".join(parts) + "</div>"
+
+    def grid_html(self) -> str:
+        """The step grid: per step, each drafted token (accepted, rejected, or unjudged when
+        the budget cut the step), the target's own token, and the step's timings."""
+        head = "".join(f'<th style="{_CELL_STYLE}">{escape_text(h)}</th>' for h in GRID_COLUMNS)
+        rows = "".join(self._grid_row(s, sec) for s, sec in zip(self.steps, self.seconds))
+        return (f'<div class="scylla-grid" style="overflow-x: auto; max-height: 28rem">'
+                f'<table style="border-collapse: collapse; font-size: 0.85rem; width: 100%">'
+                f'<tr>{head}</tr>{rows}</table></div>')
+
+    def _grid_row(self, s: Step, seconds: float) -> str:
+        refused_from = s.accepted if rejected_drafts(s) else len(s.drafted)
+        chips = []
+        for i, tok in enumerate(s.drafted):
+            kind = "accepted" if i < s.accepted else "rejected" if i >= refused_from else "plain"
+            q = f", draft confidence {s.q_draft[i]:.2f}" if i < len(s.q_draft) else ""
+            p = f", target p {s.p_draft[i]:.2f}" if i < len(s.p_draft) else ""
+            chips.append(token_span(self.decode_one(tok), kind, f"position {i + 1}: {kind}{q}{p}",
+                                    tok in self.specials))
+        own = ""
+        if s.bonus is not None:
+            kind = "bonus" if s.drafted and s.index > 0 else "plain"
+            own = token_span(self.decode_one(s.bonus), kind, f"step {s.index}: the target's token",
+                             s.bonus in self.specials)
+        cells = ["prefill" if s.index == 0 else str(s.index), " ".join(chips), own,
+                 f"{s.draft_ms:.1f}", f"{s.verify_ms:.1f}", f"{seconds * 1e3:.1f}"]
+        escaped = [escape_text(cells[0])] + cells[1:3] + [escape_text(c) for c in cells[3:]]
+        return "<tr>" + "".join(f'<td style="{_CELL_STYLE}">{c}</td>' for c in escaped) + "</tr>"
+
+
+GRID_COLUMNS = ("step", "drafted", "target token", "draft ms", "verify ms", "step ms")
 
 
 def rejected_drafts(step: Step) -> list[int]:
@@ -427,6 +499,11 @@ def rejected_drafts(step: Step) -> list[int]:
     return list(step.drafted[step.accepted:])
 
 
+# Long tokens (a run of '=' or spaces) wrap instead of widening the column.
+_BOX_STYLE = ("white-space: pre-wrap; overflow-wrap: anywhere; word-break: break-word; "
+              "line-height: 1.7; font-family: ui-monospace, monospace; font-size: 0.9rem")
+_CELL_STYLE = ("border-bottom: 1px solid #8883; padding: 2px 6px; vertical-align: top; "
+               "white-space: pre-wrap; overflow-wrap: anywhere; font-family: ui-monospace, monospace")
 _STYLE = {
     "plain": f"color: {COLORS['plain']}",
     "accepted": f"background: {COLORS['accepted']}26; color: {COLORS['accepted']}; "
@@ -436,24 +513,221 @@ _STYLE = {
     "rejected": f"color: {COLORS['rejected']}; text-decoration: line-through; opacity: 0.75; "
                 f"font-size: 0.8em",
 }
+_END_STYLE = "; font-size: 0.7em; opacity: 0.8; padding: 0 2px; border: 1px solid currentColor; border-radius: 3px"
 
 
-def escape_text(text: str) -> str:
-    """HTML-escape token text so it stays literal inside st.markdown: no tags, no markdown
-    (one HTML block: no blank lines), no LaTeX ($), no emphasis (* _ `)."""
-    out = html.escape(text, quote=True)
-    for ch, ent in (("$", "&#36;"), ("*", "&#42;"), ("_", "&#95;"), ("`", "&#96;"),
-                    ("\\", "&#92;"), ("~", "&#126;"), ("[", "&#91;"), ("]", "&#93;")):
-        out = out.replace(ch, ent)
-    return out.replace("\r", "").replace("\n", "<br>")
-
-
-def token_span(text: str, kind: str, title: str = "") -> str:
-    return (f'<span class="scylla-tok scylla-{kind}" style="{_STYLE[kind]}" '
-            f'title="{html.escape(title, quote=True)}">{escape_text(text)}</span>')
+def token_span(text: str, kind: str, title: str = "", special: bool = False) -> str:
+    """One token as a coloured span; a special token shows as END_MARKER."""
+    if special:
+        title = f"{title} · {END_TITLE}" if title else END_TITLE
+    body = escape_text(END_MARKER if special else text)
+    style = _STYLE.get(kind, _STYLE["plain"]) + (_END_STYLE if special else "")
+    end = " scylla-end" if special else ""
+    return (f'<span class="scylla-tok scylla-{kind}{end}" style="{style}" '
+            f'title="{escape_text(title)}">{body}</span>')
 
 
 def legend_html() -> str:
     items = [("plain", "target token"), ("accepted", "accepted draft token"),
              ("bonus", "bonus token"), ("rejected", "rejected draft token")]
-    return " ".join(token_span(label, kind, label) for kind, label in items)
+    spans = [token_span(label, kind, label) for kind, label in items]
+    spans.append(token_span("", "plain", "", special=True) + escape_text(" end of text"))
+    return f'<div class="scylla-legend">{" ".join(spans)}</div>'
+
+
+# ---------------------------------------------------------------- why it wins or loses
+# All from Step lists: each step's own draft / verify / bookkeeping ms, measured in this run.
+
+def _ms(value) -> float:
+    """A step's milliseconds; missing, negative or non-finite figures count as 0."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return value if math.isfinite(value) and value > 0 else 0.0
+
+
+def step_ms(step: Step) -> float:
+    return _ms(step.draft_ms) + _ms(step.verify_ms) + _ms(step.overhead_ms)
+
+
+def decode_steps(steps: Iterable[Step]) -> list[Step]:
+    """Steps after the prefill (the prefill is one shared forward, charged to both sides)."""
+    return [s for s in steps if s.index > 0]
+
+
+def step_parts(step: Step, side: str) -> list[tuple[str, float]]:
+    """Where one step's compute went: plain, one forward per token; speculative, the draft
+    and then one verify forward; both, the engine's bookkeeping."""
+    if step.index == 0:
+        return [("prefill", step_ms(step))]
+    if side == "plain":
+        return [("forward", _ms(step.verify_ms)), ("bookkeeping", _ms(step.draft_ms) + _ms(step.overhead_ms))]
+    return [("draft", _ms(step.draft_ms)), ("verify", _ms(step.verify_ms)), ("bookkeeping", _ms(step.overhead_ms))]
+
+
+TIMELINE_COLUMNS = ("side", "step", "part", "start_ms", "ms", "tokens", "total_tokens")
+
+
+def timeline(plain: Iterable[Step], speculative: Iterable[Step]) -> pd.DataFrame:
+    """One row per stretch of compute on each side's clock, in order: side, step, part
+    (prefill | forward | draft | verify | bookkeeping), start_ms, ms, the tokens the step
+    emitted, and the side's tokens so far once the step ends."""
+    rows = []
+    for side, steps in (("plain", plain), ("speculative", speculative)):
+        clock, total = 0.0, 0
+        for s in steps:
+            total += len(s.emitted)
+            for part, ms in step_parts(s, side):
+                if ms > 0:
+                    rows.append({"side": side, "step": s.index, "part": part, "start_ms": clock,
+                                 "ms": ms, "tokens": len(s.emitted), "total_tokens": total})
+                    clock += ms
+    return pd.DataFrame(rows, columns=list(TIMELINE_COLUMNS))
+
+
+@dataclass
+class BreakEven:
+    """Speculation pays when a step makes more tokens than a step costs plain steps.
+    break_even_tau = ms of one speculative step (draft + verify + bookkeeping) / ms of one
+    plain step (its forward + bookkeeping), both the means of this run's decoding steps."""
+
+    tau: float               # tokens per speculative decoding step (prefill excluded)
+    break_even_tau: float
+    plain_step_ms: float
+    spec_step_ms: float
+    draft_ms: float          # mean per speculative step
+    verify_ms: float
+    overhead_ms: float
+    drafted: float           # mean tokens verified per step (tree nodes, or chain length)
+    n_steps: int             # speculative decoding steps
+
+    @property
+    def expected_speedup(self) -> float:
+        """tau / break_even_tau: the speculative side's tokens/s over the plain side's."""
+        return self.tau / self.break_even_tau
+
+    @property
+    def verify_cost(self) -> float:
+        """One verify forward, in plain steps."""
+        return self.verify_ms / self.plain_step_ms
+
+
+def break_even(plain: Iterable[Step], speculative: Iterable[Step]) -> BreakEven | None:
+    """The run's break-even tau and what it is made of; None until both sides have
+    decoded at least one step after the prefill, or when the steps carry no timings."""
+    plain_steps, spec_steps = decode_steps(plain), decode_steps(speculative)
+    if not plain_steps or not spec_steps:
+        return None
+    plain_ms = statistics.fmean(step_ms(s) for s in plain_steps)
+    spec_ms = statistics.fmean(step_ms(s) for s in spec_steps)
+    if plain_ms <= 0 or spec_ms <= 0:
+        return None
+    return BreakEven(
+        tau=sum(len(s.emitted) for s in spec_steps) / len(spec_steps),
+        break_even_tau=spec_ms / plain_ms,
+        plain_step_ms=plain_ms,
+        spec_step_ms=spec_ms,
+        draft_ms=statistics.fmean(_ms(s.draft_ms) for s in spec_steps),
+        verify_ms=statistics.fmean(_ms(s.verify_ms) for s in spec_steps),
+        overhead_ms=statistics.fmean(_ms(s.overhead_ms) for s in spec_steps),
+        drafted=statistics.fmean(max(s.tree_size, len(s.drafted)) for s in spec_steps),
+        n_steps=len(spec_steps),
+    )
+
+
+TIE = 0.03    # within 3% of break-even: a tie, not a verdict either way
+
+
+def outcome(be: BreakEven | None) -> str:
+    """wins | loses | ties | unknown."""
+    if be is None:
+        return "unknown"
+    ratio = be.expected_speedup
+    return "ties" if abs(ratio - 1) <= TIE else "wins" if ratio > 1 else "loses"
+
+
+def verdict(be: BreakEven | None, shape: str = "") -> str:
+    """One line: measured tau against break-even tau, and the step costs behind it."""
+    result = outcome(be)
+    if result == "unknown":
+        return "Too few steps to judge yet: the verdict needs a decoding step on each side."
+    compare = {"wins": "above", "loses": "below", "ties": "at"}[result]
+    where = f" for {shape}" if shape else ""
+    return (f"Speculative decoding {result}: tau {be.tau:.2f} tokens per step is {compare} the "
+            f"break-even tau {be.break_even_tau:.2f}{where} on this machine. One speculative step "
+            f"drafts for {be.draft_ms:.1f} ms, verifies {be.drafted:.1f} tokens in "
+            f"{be.verify_ms:.1f} ms and keeps books for {be.overhead_ms:.1f} ms: "
+            f"{be.spec_step_ms:.1f} ms, the cost of {be.break_even_tau:.2f} plain steps of "
+            f"{be.plain_step_ms:.1f} ms. From its steps it runs at {be.expected_speedup:.2f}x.")
+
+
+CONFIDENCE_COLUMNS = ("position", "reached", "per_position_accept", "draft_confidence",
+                      "target_prob", "rejected_confidence")
+
+
+def confidence_by_position(steps: Iterable[Step]) -> pd.DataFrame:
+    """Per draft position (1 = first drafted token), over the steps that reached it (every
+    earlier token accepted): how often it was accepted (per_position_accept), the draft's
+    mean confidence (q_draft), the target's mean probability (p_draft), and the draft's mean
+    confidence in the tokens rejected there. Confidence well above acceptance: over-confident."""
+    by_pos: list[dict] = []
+    for s in decode_steps(steps):
+        for i in range(min(len(s.drafted), s.accepted + 1)):
+            if i == len(by_pos):
+                by_pos.append({"reached": 0, "passed": 0, "q": [], "p": [], "q_rejected": []})
+            cell = by_pos[i]
+            cell["reached"] += 1
+            cell["passed"] += int(i < s.accepted)
+            q = _prob(s.q_draft, i)
+            p = _prob(s.p_draft, i)
+            if q is not None:
+                cell["q"].append(q)
+                if i >= s.accepted:
+                    cell["q_rejected"].append(q)
+            if p is not None:
+                cell["p"].append(p)
+    rows = [{"position": i + 1, "reached": c["reached"],
+             "per_position_accept": c["passed"] / c["reached"],
+             "draft_confidence": _mean(c["q"]), "target_prob": _mean(c["p"]),
+             "rejected_confidence": _mean(c["q_rejected"])} for i, c in enumerate(by_pos)]
+    return pd.DataFrame(rows, columns=list(CONFIDENCE_COLUMNS))
+
+
+def _prob(values, i: int) -> float | None:
+    try:
+        value = float(values[i])
+    except (IndexError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+OVERCONFIDENT = 0.1   # confidence this far above acceptance at a position: over-confident
+
+
+def confidence_note(frame: pd.DataFrame) -> str:
+    """One line on the draft's calibration: where it loses, and whether it saw it coming."""
+    if frame is None or not len(frame):
+        return "No draft tokens were judged yet."
+    weakest = frame.loc[frame["per_position_accept"].idxmin()]
+    where = (f"The draft loses most at position {int(weakest['position'])} "
+             f"({weakest['per_position_accept']:.0%} accepted of {int(weakest['reached'])} reached).")
+    known = frame.dropna(subset=["draft_confidence"])
+    if not len(known):
+        return where
+    gap = known["draft_confidence"] - known["per_position_accept"]
+    worst = known.loc[gap.idxmax()]
+    if gap.max() > OVERCONFIDENT:
+        return (f"{where} It is over-confident: at position {int(worst['position'])} its mean "
+                f"confidence is {worst['draft_confidence']:.2f}, yet {worst['per_position_accept']:.0%} "
+                f"of its tokens are accepted.")
+    if gap.min() < -OVERCONFIDENT:
+        low = known.loc[gap.idxmin()]
+        return (f"{where} It is under-confident: at position {int(low['position'])} its mean "
+                f"confidence is {low['draft_confidence']:.2f}, yet {low['per_position_accept']:.0%} "
+                f"of its tokens are accepted.")
+    return f"{where} Its confidence tracks acceptance within {OVERCONFIDENT:.1f} at every position."

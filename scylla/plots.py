@@ -259,3 +259,58 @@ def log_grid(x_min: float, x_max: float, n: int = 60) -> np.ndarray:
     if hi <= lo:
         hi = lo + 1e-6
     return np.exp(np.linspace(lo, hi, n))
+
+
+# ---------------------------------------------------------------- live decoding: why it wins or loses
+
+PART_COLORS = {"prefill": "#90a4ae", "forward": COLORS["plain"], "draft": "#f9a825",
+               "verify": COLORS["bonus"], "bookkeeping": "#bdbdbd"}
+
+
+def timeline_figure(frame: pd.DataFrame, title: str = "Compute clock, step by step") -> go.Figure:
+    """Each side's compute as consecutive bars on one ms axis (live.timeline's frame): plain
+    spends one forward per token; speculative drafts, then verifies, per step. The label at
+    each lane's end gives its tokens and total ms."""
+    fig = go.Figure()
+    sides = ["speculative", "plain"]
+    if frame is not None and len(frame):
+        for part, color in PART_COLORS.items():
+            rows = frame[frame["part"] == part]
+            if not len(rows):
+                continue
+            fig.add_trace(go.Bar(
+                y=rows["side"], x=rows["ms"], base=rows["start_ms"], orientation="h", name=part,
+                marker=dict(color=color, line=dict(width=0.5, color="white")),
+                customdata=rows[["step", "tokens", "total_tokens"]].to_numpy(),
+                hovertemplate=(f"{part}, step %{{customdata[0]}}: %{{x:.1f}} ms<br>"
+                               "+%{customdata[1]} tokens (%{customdata[2]} so far)<extra></extra>")))
+        for side in sides:
+            lane = frame[frame["side"] == side]
+            if len(lane):
+                end = float((lane["start_ms"] + lane["ms"]).max())
+                fig.add_annotation(x=end, y=side, xanchor="left", showarrow=False,
+                                   text=f" {int(lane['total_tokens'].max())} tokens, {end:,.0f} ms")
+    fig.update_layout(barmode="overlay", bargap=0.35, height=260)
+    fig.update_yaxes(categoryorder="array", categoryarray=sides)
+    return _layout(fig, title, "compute ms (each side's own clock)", "")
+
+
+def confidence_figure(frame: pd.DataFrame,
+                      title: str = "Draft confidence against acceptance, by position") -> go.Figure:
+    """Bars: per_position_accept; lines: the draft's mean confidence (q) and the target's
+    mean probability (p) of the drafted tokens at each position (live.confidence_by_position)."""
+    fig = go.Figure()
+    if frame is not None and len(frame):
+        pos = frame["position"]
+        fig.add_trace(go.Bar(x=pos, y=frame["per_position_accept"], name="per_position_accept",
+                             marker_color=COLORS["accepted"], customdata=frame["reached"],
+                             hovertemplate="position %{x}<br>accepted %{y:.2f} of %{customdata} "
+                                           "reached<extra></extra>"))
+        fig.add_trace(go.Scatter(x=pos, y=frame["draft_confidence"], mode="lines+markers",
+                                 name="draft confidence", line=dict(color="#f9a825", width=2)))
+        fig.add_trace(go.Scatter(x=pos, y=frame["target_prob"], mode="lines+markers",
+                                 name="target probability",
+                                 line=dict(color=COLORS["bonus"], width=2, dash="dot")))
+    fig.update_yaxes(range=[0, 1.05])
+    fig.update_xaxes(dtick=1)
+    return _layout(fig, title, "draft position", "probability")

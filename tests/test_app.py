@@ -87,7 +87,8 @@ def runs_db(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_target_dir(tmp_path_factory):
-    """A 2-layer random Llama saved with the real SmolLM2 tokenizer and chat template."""
+    """A 4-layer random Llama saved with the real SmolLM2 tokenizer and chat template (4: the
+    shared prefill keeps hidden states of layers 2 and n - 3)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -97,7 +98,7 @@ def tiny_target_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-target")
     tok = AutoTokenizer.from_pretrained(src)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
                       max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
                       pad_token_id=2, tie_word_embeddings=True)
     torch.manual_seed(0)
@@ -129,8 +130,8 @@ def messages(elements) -> list[str]:
 
 # ---------------------------------------------------------------- every page on the committed store
 
-@pytest.mark.parametrize("page", ["app.py", "pages/2_Scaling_laws.py", "pages/3_Regression_lab.py",
-                                  "pages/4_Runs_and_sweeps.py", "pages/1_Live_decoding.py"])
+@pytest.mark.parametrize("page", ["app.py", "app_pages/scaling_laws.py", "app_pages/regression_lab.py",
+                                  "app_pages/runs_and_sweeps.py", "app_pages/live_decoding.py"])
 def test_every_page_loads_on_a_copy_of_the_committed_store(page, tmp_path, monkeypatch):
     db = store_copy(tmp_path)
     monkeypatch.setenv("SCYLLA_DB", str(db))
@@ -167,7 +168,7 @@ def test_overview_without_a_store(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- scaling laws
 
 def test_laws_page_on_reference_data_draws_fit_and_bands(ref_db):
-    at = app("pages/2_Scaling_laws.py")
+    at = app("app_pages/scaling_laws.py")
     assert at.radio(key="source").value == "Published reference"  # no runs yet
     specs = chart_specs(at)
     law = next(s for s in specs if '"prediction band"' in s)
@@ -180,7 +181,7 @@ def test_laws_page_on_reference_data_draws_fit_and_bands(ref_db):
 
 
 def test_laws_page_groups_saturating_and_extrapolation(ref_db):
-    at = app("pages/2_Scaling_laws.py")
+    at = app("app_pages/scaling_laws.py")
     at.multiselect(key="rf_method").set_value([])        # every method
     at.selectbox(key="ref_group").set_value("method")
     at.checkbox(key="saturating").check()
@@ -195,7 +196,7 @@ def test_laws_page_groups_saturating_and_extrapolation(ref_db):
 
 
 def test_laws_page_measured_runs_fit_and_recommend(runs_db):
-    at = app("pages/2_Scaling_laws.py")
+    at = app("app_pages/scaling_laws.py")
     assert at.radio(key="source").value == "Measured runs (store)"
     at.selectbox(key="axis").set_value("tokens")
     at.selectbox(key="metric").set_value("tau")
@@ -208,7 +209,7 @@ def test_laws_page_measured_runs_fit_and_recommend(runs_db):
 
 
 def test_laws_page_empty_selection_says_so(runs_db):
-    at = app("pages/2_Scaling_laws.py")
+    at = app("app_pages/scaling_laws.py")
     at.selectbox(key="metric").set_value("throughput").run()   # no run measured throughput
     assert not at.exception
     assert any("No points match" in m for m in messages(at.info))
@@ -217,7 +218,7 @@ def test_laws_page_empty_selection_says_so(runs_db):
 # ---------------------------------------------------------------- regression lab
 
 def test_lab_refuses_drop_table_and_runs_a_select(runs_db):
-    at = app("pages/3_Regression_lab.py")
+    at = app("app_pages/regression_lab.py")
     assert len(at.get("plotly_chart")) == 2     # default query + formula: coefficients; residuals and QQ
     at.text_area(key="sql").set_value("DROP TABLE runs")
     at.button(key="run_sql").click().run()
@@ -237,7 +238,7 @@ def test_lab_refuses_drop_table_and_runs_a_select(runs_db):
 
 
 def test_lab_bad_formula_and_wls_glm(runs_db):
-    at = app("pages/3_Regression_lab.py")
+    at = app("app_pages/regression_lab.py")
     at.text_input(key="formula").set_value("throughput_ratio ~ __import__('os')").run()
     assert not at.exception and at.error
     at.text_input(key="formula").set_value("throughput_ratio ~ np.log(batch_size)").run()
@@ -251,7 +252,7 @@ def test_lab_bad_formula_and_wls_glm(runs_db):
 # ---------------------------------------------------------------- runs and sweeps
 
 def test_runs_page_lists_runs_and_compares_drafts(runs_db):
-    at = app("pages/4_Runs_and_sweeps.py")
+    at = app("app_pages/runs_and_sweeps.py")
     assert len(at.dataframe[0].value) == len(synthetic_runs())
     spec = chart_specs(at)[0]
     assert '"ngram"' in spec and '"scylla-L1-T1000000"' in spec
@@ -260,14 +261,14 @@ def test_runs_page_lists_runs_and_compares_drafts(runs_db):
 
 
 def test_runs_page_without_runs(ref_db):
-    at = app("pages/4_Runs_and_sweeps.py")
+    at = app("app_pages/runs_and_sweeps.py")
     assert any("No measured runs" in m for m in messages(at.info))
 
 
 # ---------------------------------------------------------------- live decoding (tiny model)
 
 def test_live_page_streams_both_sides_with_charts(tiny_live):
-    at = app("pages/1_Live_decoding.py")
+    at = app("app_pages/live_decoding.py")
     at.selectbox(key="draft_kind").set_value("ngram")  # the shipped scylla draft fits the real target only
     at.slider(key="max_tokens").set_value(16)
     at.button(key="generate").click().run()
@@ -278,14 +279,16 @@ def test_live_page_streams_both_sides_with_charts(tiny_live):
     assert ("tokens", "16") in metrics
     assert {"tau", "speedup", "tokens/s"} <= {label for label, _ in metrics}
     specs = chart_specs(at)
-    assert len(specs) == 3 and '"accepted"' in specs[0] and '"per_position_accept"' in specs[2]
+    assert len(specs) == 4 and '"accepted"' in specs[0] and '"per_position_accept"' in specs[2]
+    assert '"draft confidence"' in specs[2] and '"verify"' in specs[3]   # the time line
+    assert any(label == "break-even tau" for label, _ in metrics)
     # rerun (e.g. a toggle) keeps the last result without generating again
     at.toggle(key="show_rejected").set_value(False).run()
     assert len([m for m in at.markdown if "scylla-transcript" in m.value]) == 2
 
 
 def test_live_page_decodes_with_a_draft_tree(tiny_live):
-    at = app("pages/1_Live_decoding.py")
+    at = app("app_pages/live_decoding.py")
     at.selectbox(key="draft_kind").set_value("layerskip").run()
     at.number_input(key="skip_layers").set_value(1)
     at.radio(key="shape").set_value("tree").run()
@@ -299,7 +302,7 @@ def test_live_page_decodes_with_a_draft_tree(tiny_live):
 
 @pytest.mark.parametrize("prompt, expected", [("   ", "empty"), ("x" * 5000, "too long")])
 def test_live_page_rejects_bad_prompts(tiny_live, prompt, expected):
-    at = app("pages/1_Live_decoding.py")
+    at = app("app_pages/live_decoding.py")
     at.text_area(key="prompt").set_value(prompt)
     at.button(key="generate").click().run()
     assert not at.exception
@@ -313,7 +316,7 @@ def test_live_page_missing_draft_suggests_ngram(tiny_live, monkeypatch):
         raise FileNotFoundError(f"no trained draft at assets/drafts/{spec}")
 
     monkeypatch.setattr(scylla.drafts, "make_draft", missing)
-    at = app("pages/1_Live_decoding.py")
+    at = app("app_pages/live_decoding.py")
     at.selectbox(key="draft_kind").set_value("scylla")
     at.button(key="generate").click().run()
     assert not at.exception
@@ -328,7 +331,7 @@ def test_runs_page_starts_a_background_sweep_and_shows_its_log(ref_db, monkeypat
     monkeypatch.setattr(studio, "sweep_available", lambda: (True, ""))
     script = "print('run 1/2', flush=True); print('run 2/2', flush=True)"
     monkeypatch.setattr(studio, "sweep_command", lambda config, db=None: [sys.executable, "-c", script])
-    at = app("pages/4_Runs_and_sweeps.py")
+    at = app("app_pages/runs_and_sweeps.py")
     submit = next(b for b in at.button if b.label == "Start sweep")
     submit.click().run()
     assert not at.exception and not at.error, messages(at.error)
@@ -348,7 +351,7 @@ def test_laws_page_overlays_published_figures_on_the_batch_axis(tmp_path, monkey
          "batch": b, "category": "all", "tau": 1.5, "speedup": 1.6 - 0.12 * math.log(b)}
         for b in (1, 2, 4, 8, 16)])
     monkeypatch.setenv("SCYLLA_DB", str(db))
-    at = app("pages/2_Scaling_laws.py")
+    at = app("app_pages/scaling_laws.py")
     at.selectbox(key="axis").set_value("batch")
     at.selectbox(key="metric").set_value("speedup").run()
     at.checkbox(key="overlay").check().run()
@@ -359,7 +362,7 @@ def test_laws_page_overlays_published_figures_on_the_batch_axis(tmp_path, monkey
 
 
 def test_live_page_use_example_fills_the_prompt(tiny_live):
-    at = app("pages/1_Live_decoding.py")
+    at = app("app_pages/live_decoding.py")
     cats = at.selectbox(key="example_category").options
     at.selectbox(key="example_category").set_value(cats[-1]).run()
     chosen = at.selectbox(key="example_prompt").value

@@ -22,7 +22,9 @@ def get_draft(spec: str, target, quant: str):
 st.title("Live decoding")
 st.caption("The target decodes the prompt twice: plainly, one token per forward, and "
            "speculatively, where the draft proposes up to k tokens and one target forward "
-           "verifies them. Both run on one compute clock, so the race you see is the real speedup.")
+           "verifies them. Both run on one compute clock, so the race you see is the real speedup. "
+           "Speculation wins only when a step makes more tokens (tau) than it costs plain steps: "
+           "below the run, the break-even tau, the verdict and the time line say why.")
 
 with st.sidebar:
     st.header("Settings")
@@ -74,9 +76,11 @@ slots = {
 }
 chart_cols = st.columns(3)
 chart_slots = [c.empty() for c in chart_cols]
+why_slot = st.empty()
 grid_slot = st.empty()
 _render_count = [0]
 chart_throttle = live.Throttle()
+OUTCOME_BOX = {"wins": st.success, "loses": st.warning, "ties": st.info, "unknown": st.info}
 
 
 def render(result: dict, final: bool = False) -> None:
@@ -108,15 +112,41 @@ def render(result: dict, final: bool = False) -> None:
             width="stretch", key=f"step_chart_{n}")
         chart_slots[1].plotly_chart(plots.accept_hist_figure(accepted, result["k"]),
                                     width="stretch", key=f"hist_chart_{n}")
-        chart_slots[2].plotly_chart(plots.per_position_figure(stats["per_position_accept"]),
+        chart_slots[2].plotly_chart(plots.confidence_figure(live.confidence_by_position(spec.steps)),
                                     width="stretch", key=f"pos_chart_{n}")
     if final:
+        render_why(result, _render_count[0])
         with grid_slot.container():
             st.caption(f"Time to first token: plain {plain.ttft_s or 0:.2f} s, speculative "
                        f"{spec.ttft_s or 0:.2f} s. Engine time: plain {plain.wall_s:.2f} s, "
                        f"speculative {spec.wall_s:.2f} s.")
             with st.expander("Step grid (speculative): drafted, accepted, rejected, bonus"):
-                st.dataframe(spec.step_table(), hide_index=True, width="stretch")
+                st.markdown(spec.grid_html(), unsafe_allow_html=True)
+
+
+def render_why(result: dict, n: int) -> None:
+    """The verdict, the break-even tau and what it is made of, the compute time line and
+    the draft's calibration: all from the run's own Step records."""
+    plain, spec = result["plain"], result["speculative"]
+    be = live.break_even(plain.steps, spec.steps)
+    with why_slot.container():
+        st.subheader("Why it wins or loses")
+        OUTCOME_BOX[live.outcome(be)](live.verdict(be, result["shape"]))
+        if be is not None:
+            a, b, c, d = st.columns(4)
+            a.metric("tau per step", f"{be.tau:.2f}", help="tokens per speculative step, prefill excluded")
+            b.metric("break-even tau", f"{be.break_even_tau:.2f}",
+                     help="ms of one speculative step / ms of one plain step, in this run")
+            c.metric("speculative step", f"{be.spec_step_ms:.1f} ms",
+                     help=f"draft {be.draft_ms:.1f} + verify {be.verify_ms:.1f} + bookkeeping "
+                          f"{be.overhead_ms:.1f} ms")
+            d.metric("plain step", f"{be.plain_step_ms:.1f} ms", help="one forward, one token")
+        st.plotly_chart(plots.timeline_figure(live.timeline(plain.steps, spec.steps)),
+                        width="stretch", key=f"timeline_chart_{n}")
+        st.caption(live.confidence_note(live.confidence_by_position(spec.steps))
+                   + " Break-even tau: the mean ms of a speculative step (draft, verify, "
+                     "bookkeeping) over the mean ms of a plain step, both measured in this run "
+                     "after the shared prefill.")
 
 
 if go_clicked:
