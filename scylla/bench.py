@@ -1,4 +1,6 @@
-"""`scylla bench`: baseline (transformers generate) and the engine, interleaved per prompt."""
+"""`scylla bench`: per prompt, interleaved: the baseline (transformers generate()), the
+engine's plain decoding on its own forward, and the engine with the draft. `speedup` is over
+generate(); `spec_gain` over the engine's plain decoding (what speculation alone gains)."""
 from __future__ import annotations
 
 import platform
@@ -52,16 +54,21 @@ def run_bench(target, draft, prompts: list[dict], max_new_tokens: int = 128, k: 
     if batch_size > 1:
         return run_batched_bench(target, draft, prompts, encoded, max_new_tokens, k, temperature,
                                  top_p, seed, draft_spec, batch_size, warmup, tree)
-    if warmup:  # first calls pay one-off allocation costs; keep them out of both timings
+    if warmup:  # first calls pay one-off allocation costs; keep them out of every timing
         baseline_generate(target, encoded[0][:32], 4, 0.0, 1.0, None)
         generate_ids(target, draft, encoded[0][:32], max_new_tokens=4, k=k, tree=tree)
+        generate_ids(target, None, encoded[0][:32], max_new_tokens=4)
     rows = []
     for i, (p, ids) in enumerate(tqdm(list(zip(prompts, encoded)), desc="bench", unit="prompt")):
         base, base_s = timed(baseline_generate, target, ids, max_new_tokens, temperature, top_p, seed + i)
-        (spec, steps), spec_s = timed(generate_ids, target, draft, ids, max_new_tokens=max_new_tokens,
-                                      k=k, temperature=temperature, top_p=top_p, seed=seed + i, tree=tree)
-        rows.append({"category": p["category"], "base": base, "base_s": base_s,
-                     "spec": spec, "spec_s": spec_s, "steps": steps})
+        decode = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + i)
+        (plain, plain_steps), plain_s = timed(generate_ids, target, None, ids, **decode)
+        if draft is None:  # --draft none: the engine's plain decoding is the measured engine
+            (spec, steps), spec_s = (plain, plain_steps), plain_s
+        else:
+            (spec, steps), spec_s = timed(generate_ids, target, draft, ids, k=k, tree=tree, **decode)
+        rows.append({"category": p["category"], "base": base, "base_s": base_s, "spec": spec, "spec_s": spec_s,
+                     "steps": steps, "plain": plain, "plain_s": plain_s, "plain_steps": plain_steps})
     report = bench_report(rows, target, draft_spec, temperature, top_p, batch_size, k, max_new_tokens)
     if tree is not None:
         report.update({"shape": str(tree), "k": None, "tree_nodes_mean": mean_tree_size(rows)})
@@ -84,9 +91,10 @@ def encode_checked(target, prompt: dict, max_new_tokens: int) -> list[int]:
 def bench_report(rows, target, draft_spec, temperature, top_p, batch_size, k, max_new_tokens) -> dict:
     summary = aggregate(rows)
     by_cat = group_rows(rows)
-    summary["by_category"] = {c: {"n": len(rs), "tau": aggregate(rs)["tau"], "speedup": aggregate(rs)["speedup"],
-                                  "accept_rate": aggregate(rs)["accept_rate"]} for c, rs in by_cat.items()}
+    summary["by_category"] = {c: category_summary(rs) for c, rs in by_cat.items()}
+    summary.update(forward_costs(rows))
     summary.update({"n_prompts": len(rows), "target": target.name, "quant": target.quant,
+                    "backend": target.forward.backend, "kernels": target.kernels,
                     "draft": draft_spec, "device": device_name(target), "batch_size": batch_size,
                     "temperature": temperature, "top_p": top_p, "k": k, "shape": f"chain:{k}",
                     "k_mean": mean_draft_length(rows),
@@ -96,21 +104,52 @@ def bench_report(rows, target, draft_spec, temperature, top_p, batch_size, k, ma
     return summary
 
 
+def category_summary(rows: list[dict]) -> dict:
+    agg = aggregate(rows)
+    return {"n": len(rows), **{key: agg[key] for key in ("tau", "speedup", "spec_gain", "accept_rate")}}
+
+
+def forward_costs(rows: list[dict]) -> dict:
+    """Median ms of one target forward by width (tokens per row verified at once) in this run,
+    and the median verify forward over the median one-token forward."""
+    by_width = defaultdict(list)
+    for r in rows:
+        for s in r["steps"] + r["plain_steps"]:
+            if s.index > 0:
+                by_width[s.tree_size + 1].append(s.verify_ms)
+    forward_ms = {w: round(median(ms), 3) for w, ms in sorted(by_width.items())}
+    verify = [s.verify_ms for r in rows for s in r["steps"] if s.index > 0 and s.tree_size > 0]
+    one = by_width.get(1, [])
+    ratio = round(median(verify) / median(one), 4) if verify and one else None
+    return {"forward_ms": forward_ms, "verify_cost_ratio": ratio}
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def aggregate(rows: list[dict]) -> dict:
     steps = [s for r in rows for s in r["steps"]]
     stats = summarize(steps)
     spec_tokens = sum(len(r["spec"]) for r in rows)
     base_tokens = sum(len(r["base"]) for r in rows)
+    plain_tokens = sum(len(r["plain"]) for r in rows)
     spec_s = sum(r["spec_s"] for r in rows)
     base_s = sum(r["base_s"] for r in rows)
-    tps, base_tps = spec_tokens / spec_s, base_tokens / base_s
+    plain_s = sum(r["plain_s"] for r in rows)
+    tps, base_tps, plain_tps = spec_tokens / spec_s, base_tokens / base_s, plain_tokens / plain_s
     # overhead: everything in the engine's wall time that is not a target or draft forward
     overhead_ms = spec_s * 1e3 - stats.draft_ms - stats.verify_ms
     return {"tau": round(stats.tau, 4), "accept_rate": stats.accept_rate,
             "per_position_accept": [round(x, 4) for x in stats.per_position_accept],
             "tokens_per_s": round(tps, 3), "baseline_tokens_per_s": round(base_tps, 3),
             "speedup": round(tps / base_tps, 4),
+            "plain_tokens_per_s": round(plain_tps, 3), "spec_gain": round(tps / plain_tps, 4),
+            "plain_speedup": round(plain_tps / base_tps, 4),
             "exact_match_rate": sum(r["spec"] == r["base"] for r in rows) / len(rows),
+            "plain_exact_match_rate": sum(r["plain"] == r["base"] for r in rows) / len(rows),
             "draft_ms_per_step": round(stats.draft_ms / max(stats.n_steps, 1), 3),
             "verify_ms_per_step": round(stats.verify_ms / max(stats.n_steps, 1), 3),
             "overhead_share": round(overhead_ms / (spec_s * 1e3), 4),
@@ -162,13 +201,16 @@ def run_batched_bench(target, draft, prompts, encoded, max_new_tokens, k, temper
         short = [encoded[i][:32] for i in chunks[0]]
         baseline_generate_batch(target, short, 4, 0.0, 1.0, None)
         batch_generate_ids(target, draft, short, max_new_tokens=4, k=k, tree=tree)
+        batch_generate_ids(target, None, short, max_new_tokens=4)
     rows = []
     for c, chunk in enumerate(tqdm(chunks, desc=f"bench B={batch_size}", unit="batch")):
         batch = [encoded[i] for i in chunk]
         base, base_s = timed(baseline_generate_batch, target, batch, max_new_tokens, temperature, top_p, seed + c)
-        (spec, steps), spec_s = timed(batch_generate_ids, target, draft, batch, max_new_tokens=max_new_tokens,
-                                      k=k, temperature=temperature, top_p=top_p, seed=seed + c, tree=tree)
-        rows += share_batch_time(prompts, chunk, base, base_s, spec, spec_s, steps)
+        decode = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + c)
+        plain_run = timed(batch_generate_ids, target, None, batch, **decode)
+        spec_run = plain_run if draft is None else timed(batch_generate_ids, target, draft, batch, k=k,
+                                                         tree=tree, **decode)
+        rows += share_batch_time(prompts, chunk, base, base_s, spec_run, plain_run)
     report = bench_report(rows, target, draft_spec, temperature, top_p, batch_size, k, max_new_tokens)
     report.update(row_averages(rows))
     if tree is not None:
@@ -178,12 +220,18 @@ def run_batched_bench(target, draft, prompts, encoded, max_new_tokens, k, temper
     return report
 
 
-def share_batch_time(prompts, chunk, base, base_s, spec, spec_s, steps) -> list[dict]:
+def share_batch_time(prompts, chunk, base, base_s, spec_run, plain_run) -> list[dict]:
     """Split a batch's wall times over its rows by generated tokens, so that sums over rows
     give the batch totals (throughput) and categories get a fair share."""
-    base_total, spec_total = max(sum(map(len, base)), 1), max(sum(map(len, spec)), 1)
+    (spec, steps), spec_s = spec_run
+    (plain, plain_steps), plain_s = plain_run
+
+    def share(seconds, outputs, j):
+        return seconds * len(outputs[j]) / max(sum(map(len, outputs)), 1)
+
     return [{"category": prompts[i]["category"], "base": base[j], "spec": spec[j], "steps": steps[j],
-             "base_s": base_s * len(base[j]) / base_total, "spec_s": spec_s * len(spec[j]) / spec_total}
+             "plain": plain[j], "plain_steps": plain_steps[j], "base_s": share(base_s, base, j),
+             "spec_s": share(spec_s, spec, j), "plain_s": share(plain_s, plain, j)}
             for j, i in enumerate(chunk)]
 
 

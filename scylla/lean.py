@@ -12,6 +12,8 @@ drafting; the engine and the drafts use `forward`, `KVCache.keep` and `KVCache.s
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -51,6 +53,12 @@ class Linear:
 def int8_prepack(weight: torch.Tensor):
     """Per-output-channel symmetric int8 weights for PyTorch's dynamic int8 linear (fbgemm)."""
     scale = weight.abs().amax(1).clamp_min(1e-8) / 127.0
+    with warnings.catch_warnings():  # PyTorch marks its quantized tensors deprecated; the kernels remain
+        warnings.simplefilter("ignore")
+        return _int8_prepack(weight, scale)
+
+
+def _int8_prepack(weight, scale):
     q = torch.quantize_per_channel(weight.float(), scale.double(), torch.zeros_like(scale, dtype=torch.long),
                                    0, torch.qint8)
     return torch.ops.quantized.linear_prepack(q, None)

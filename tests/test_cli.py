@@ -14,7 +14,8 @@ from scylla.drafts import make_draft
 from scylla.models import encode_prompt
 
 BENCH_KEYS = {"n_prompts", "tau", "accept_rate", "per_position_accept", "tokens_per_s", "baseline_tokens_per_s",
-              "speedup", "exact_match_rate", "by_category", "target", "draft", "device", "batch_size", "temperature"}
+              "speedup", "exact_match_rate", "by_category", "target", "draft", "device", "batch_size", "temperature",
+              "backend", "plain_tokens_per_s", "spec_gain", "forward_ms", "verify_cost_ratio"}
 
 
 def run_cli(args, capsys):
@@ -72,6 +73,11 @@ def test_bench_json_contract_on_the_real_target(tmp_path, capsys):
     assert report["n_prompts"] == 2 and set(report["by_category"]) == {"translation", "sum"}
     assert report["exact_match_rate"] == 1.0
     assert report["tau"] >= 1.0 and report["speedup"] > 0
+    assert report["backend"] == "lean" and report["plain_tokens_per_s"] > 0
+    assert report["spec_gain"] == pytest.approx(report["tokens_per_s"] / report["plain_tokens_per_s"], rel=1e-3)
+    assert all({"n", "tau", "speedup", "spec_gain"} <= set(c) for c in report["by_category"].values())
+    assert "1" in report["forward_ms"] or 1 in report["forward_ms"]
+    assert report["verify_cost_ratio"] is None or 0.3 < report["verify_cost_ratio"] < 10
     code = main(["bench", "--prompts", str(prompts), "--limit", "1", "--max-new-tokens", "6", "--draft", "ngram",
                  "--temperature", "1.0", "--json", str(out)])
     report = json.loads(out.read_text())

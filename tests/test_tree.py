@@ -95,27 +95,3 @@ def test_head_tree_of_width_one_is_the_head_chain(tmp_path):
 def test_bad_tree_shapes_are_refused(spec):
     with pytest.raises(ScyllaError, match="tree"):
         TreeShape.parse(spec)
-
-
-def test_tree_sampling_is_lossless(one_thread):
-    """Chi-square of (x2, x3) against the exact target distribution with a random branching
-    tree (alpha = 0.001, fixed seeds)."""
-    vocab = 6
-    target = tiny_target(vocab=vocab, layers=3, hidden=16, init_range=0.6, eos=99)
-    target.model.generation_config.eos_token_id = None
-    prompt = [1, 2, 3]
-    draft = RandomTreeDraft(vocab, seed=4)
-    n = 1500
-    counts = np.zeros((vocab, vocab))
-    accepted = 0
-    for i in range(n):
-        out, steps = generate_ids(target, draft, prompt, max_new_tokens=3, temperature=1.0, seed=i,
-                                  tree="tree:2,2,6")
-        counts[out[1], out[2]] += 1
-        accepted += sum(s.accepted for s in steps)
-    expected = exact_joint_23(target, prompt, 1.0).ravel() * n
-    keep = expected >= 5
-    obs = np.append(counts.ravel()[keep], counts.ravel()[~keep].sum())
-    exp = np.append(expected[keep], expected[~keep].sum())
-    assert stats.chisquare(obs, exp).pvalue > 0.001
-    assert accepted > 0
