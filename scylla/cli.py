@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=positive_int, default=192)
     c.add_argument("--batch", type=positive_int, default=16)
     c.add_argument("--seed", type=int, default=1, help="which generated prompt set (seed 1 is the original corpus)")
+    c.add_argument("--answers", type=positive_int, metavar="N",
+                   help="build the answers-v2 corpus instead: the target's answers to N prompts (magpie, "
+                        "templates, long text on this machine), batched on the lean engine, resumable")
 
     t = sub.add_parser("train-draft", help="train an EAGLE-style Scylla draft head")
     t.add_argument("--name", default="scylla")
@@ -201,6 +204,11 @@ def cmd_build_corpus(args) -> int:
     from scylla.models import load_target
 
     target = load_target()
+    if args.answers:
+        from scylla.corpus import build_answers
+
+        print(build_answers(target, args.answers, args.max_new_tokens, args.batch, seed=args.seed))
+        return 0
     print(build_code(target))
     print(build_selfdistill(target, args.prompts, args.max_new_tokens, args.batch, seed=args.seed))
     return 0

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from pathlib import Path
 
-from tqdm import tqdm
-
 import random
+
+from tqdm import tqdm
 
 from scylla.data import code_sequences, self_distill, stdlib_docstrings, stdlib_functions, training_prompts
 from scylla.models import cache_root
@@ -88,3 +89,104 @@ def write_corpus(path: Path, name: str, seqs: list[list[int]], provenance: dict)
 
 def read_corpus(name: str) -> dict:
     return json.loads(corpus_path(name).read_text())
+
+
+# ---------------------------------------------------------------- the target's own answers (v2)
+# Prompts from three sources (scylla/sources.py), answered by the target on the lean engine in
+# batches; one JSON line per answer, appended as batches finish, so a killed build resumes
+# where it stopped. Every fourth answer is sampled at T = 1, the rest greedy, so that the
+# draft meets both decoding modes.
+
+ANSWERS = "answers-v2"
+SHARES = {"magpie": 0.25, "template": 0.35, "longtext": 0.40}
+
+
+def answers_dir() -> Path:
+    return corpus_dir() / ANSWERS
+
+
+def build_prompt_set(target, n: int, seed: int = 0, shares: dict = SHARES, progress=None) -> list[dict]:
+    """The training prompts (cached): each source's share, deduplicated, none near an
+    evaluation prompt; the record of provenance goes beside them."""
+    from scylla import sources
+
+    path = answers_dir() / "prompts.jsonl"
+    if path.is_file():
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    want = {name: int(n * share * 1.15) + 8 for name, share in shares.items()}   # dedup drops some
+    raw = {"template": sources.template_prompts(want["template"], seed),
+           "longtext": sources.longtext_prompts(want["longtext"], seed),
+           "magpie": sources.magpie_prompts(target, want["magpie"], seed, progress=progress)}
+    banned = sources.eval_shingles()
+    kept = {name: sources.dedup(rows, banned)[:int(n * shares[name]) + 1] for name, rows in raw.items()}
+    prompts = sources.dedup([p for rows in kept.values() for p in rows], banned)
+    random.Random(seed).shuffle(prompts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    provenance = {name: {"generated": len(raw[name]), "kept": sum(p["source"].startswith(name) for p in prompts)}
+                  for name in raw}
+    (path.parent / "provenance.json").write_text(json.dumps(
+        {"prompts": len(prompts), "seed": seed, "sources": provenance, "dedup": "word 8-gram shingles "
+         "(scylla/sources.py); evaluation prompts banned", "long_text": "Debian package descriptions, "
+         "/usr/share/doc, Python docstrings and sources on this machine"}, indent=1))
+    return prompts
+
+
+def done_ids(path: Path) -> set[str]:
+    if not path.is_file():
+        return set()
+    ids = set()
+    for line in path.read_text().splitlines():
+        try:
+            ids.add(json.loads(line)["question_id"])
+        except (json.JSONDecodeError, KeyError):
+            continue   # a line cut by a kill: that prompt is answered again
+    return ids
+
+
+def build_answers(target, n_prompts: int, max_new_tokens: int = 256, batch: int = 16, seed: int = 0,
+                  max_prompt_tokens: int = 1792) -> Path:
+    """Answer every prompt of the set; resumable; a progress bar with answer tokens/s."""
+    from scylla.decoding import batch_generate_ids
+    from scylla.models import encode_prompt
+
+    prompts = build_prompt_set(target, n_prompts, seed)
+    out = answers_dir() / "answers.jsonl"
+    todo = [p for p in prompts if p["question_id"] not in done_ids(out)]
+    encoded = [(p, encode_prompt(target, p["prompt"])[-max_prompt_tokens:]) for p in todo]
+    start, made = time.time(), 0
+    with tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="answers", unit="prompt") as bar, \
+            out.open("a") as sink:
+        for chunk in length_sorted_batches(encoded, batch):
+            temperature = 1.0 if zlib.crc32(chunk[0][0]["question_id"].encode()) % 4 == 0 else 0.0
+            ids, _ = batch_generate_ids(target, None, [e for _, e in chunk], max_new_tokens=max_new_tokens,
+                                        temperature=temperature, seed=seed)
+            for (p, enc), answer in zip(chunk, ids):
+                sink.write(json.dumps({"question_id": p["question_id"], "source": p["source"],
+                                       "category": p["category"], "temperature": temperature,
+                                       "prompt_ids": enc, "answer_ids": answer}) + "\n")
+                made += len(answer)
+            sink.flush()
+            bar.update(len(chunk))
+            bar.set_postfix(answer_tok_s=f"{made / (time.time() - start):.0f}", tokens=made)
+    return out
+
+
+def length_sorted_batches(encoded: list, batch: int, window: int = 256) -> list[list]:
+    """Batches of similar prompt lengths (less padding), keeping the prompt order coarsely."""
+    out = []
+    for i in range(0, len(encoded), window):
+        block = sorted(encoded[i:i + window], key=lambda pe: len(pe[1]))
+        out += [block[j:j + batch] for j in range(0, len(block), batch)]
+    return out
+
+
+def read_answers() -> list[dict]:
+    path = answers_dir() / "answers.jsonl"
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

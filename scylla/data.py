@@ -248,11 +248,11 @@ def extract_features(target, seqs: list[list[int]], layers: list[int], out_dir: 
 
 
 def features_of(target, seq: list[int], layers: list[int]) -> dict:
-    ids = torch.tensor([seq], device=target.device)
-    out = target.model(input_ids=ids, output_hidden_states=True)
-    feats = torch.cat([out.hidden_states[i][0] for i in layers], dim=-1)
-    return {"tokens": ids[0].cpu(), "features": feats.half().cpu(),
-            "labels": out.logits[0].argmax(-1).cpu()}
+    """One forward of the engine's own (lean) forward over the whole sequence."""
+    fwd = target.forward
+    ids = torch.tensor([seq])
+    logits, feats = fwd.forward(ids, fwd.new_cache(1, len(seq) + 1), features=tuple(layers))
+    return {"tokens": ids[0], "features": feats[0].half().cpu(), "labels": logits[0].argmax(-1).cpu()}
 
 
 def save_shard(items: list[dict], path: Path) -> None:

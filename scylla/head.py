@@ -247,6 +247,7 @@ class HeadDraft(Draft):
         self.cache = self.lean.new_cache()
         self.features: torch.Tensor | None = None   # [L, nF*H] real target features
         self.n_real = 0                              # draft cache entries built from real features
+        self.root: torch.Tensor | None = None        # the head's state at the last real position
 
     def observe(self, tokens, features):
         self.features = features if self.features is None else torch.cat([self.features, features])
@@ -257,11 +258,12 @@ class HeadDraft(Draft):
         lean = self.lean
         self.cache.set_length(0, self.n_real)
         n_feat = self.features.shape[0]
-        new_toks = torch.tensor(context[self.n_real + 1:n_feat + 1], device=self.features.device)
-        x = lean.step_inputs(self.features[self.n_real:n_feat], new_toks, fused=False)
-        hidden = lean.run(x, self.cache, torch.arange(self.n_real, n_feat))[-1]
-        self.n_real = n_feat
-        return hidden
+        if n_feat > self.n_real:   # nothing new when asked twice at one context
+            new_toks = torch.tensor(context[self.n_real + 1:n_feat + 1], dtype=torch.long)
+            x = lean.step_inputs(self.features[self.n_real:n_feat], new_toks, fused=False)
+            self.root = lean.run(x, self.cache, torch.arange(self.n_real, n_feat))[-1]
+            self.n_real = n_feat
+        return self.root
 
     @torch.inference_mode()
     def propose(self, context, k, temperature, top_p, generator):

@@ -260,7 +260,9 @@ class LeanStack:
             row_idx = torch.arange(rows, device=flat.device)[:, None]
             keys[row_idx, :, slots] = k.transpose(1, 2)
             values[row_idx, :, slots] = v.transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], attn_mask=allowed,
+        causal = isinstance(allowed, str)
+        o = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span],
+                                           attn_mask=None if causal else allowed, is_causal=causal,
                                            enable_gqa=self.heads != self.kv_heads)
         flat = flat + p["o"](o.transpose(1, 2).reshape(rows * width, self.heads * self.head_dim))
         gate, up = p["gate_up"](torch.rms_norm(flat, (self.hidden,), p["n2"], self.eps)).chunk(2, -1)
@@ -274,11 +276,18 @@ def block_positions(lengths: torch.Tensor, offsets: torch.Tensor | None, width: 
     return lengths[:, None] + offsets
 
 
-def mask_for(cache: KVCache, block: torch.Tensor | None, width: int, device) -> torch.Tensor | None:
-    """None where plain causal attention over the whole span is exact (one row, one token)."""
+CAUSAL = "causal"
+
+
+def mask_for(cache: KVCache, block: torch.Tensor | None, width: int, device):
+    """None where attending to the whole span is exact (one row, one token); CAUSAL for a
+    causal block over an empty cache (a prefill: right padding only ever follows a row's real
+    tokens, so real queries never see it), which lets SDPA skip the mask."""
     rows = cache.rows
     if block is None and rows == 1 and width == 1:
         return None
+    if block is None and int(cache.lengths.max()) == 0:
+        return CAUSAL
     if block is None:
         block = causal_block(rows, width)
     span = int(cache.lengths.max()) + width
