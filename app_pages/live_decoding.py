@@ -80,10 +80,16 @@ why_slot = st.empty()
 grid_slot = st.empty()
 _render_count = [0]
 chart_throttle = live.Throttle()
+text_throttle = live.Throttle(every_s=0.1)
 OUTCOME_BOX = {"wins": st.success, "loses": st.warning, "ties": st.info, "unknown": st.info}
 
 
 def render(result: dict, final: bool = False) -> None:
+    # The browser re-parses a whole transcript on every redraw: a fast engine would outrun
+    # it (and several sessions at once would queue seconds behind), so text redraws are
+    # throttled too, and always drawn at the end.
+    if not final and not text_throttle.due():
+        return
     plain, spec = result["plain"], result["speculative"]
     speedup = spec.tokens_per_s / plain.tokens_per_s if plain.tokens_per_s and spec.n_tokens else None
     with slots["plain"]["metrics"].container():

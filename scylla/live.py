@@ -211,7 +211,7 @@ def race(plain: Iterable[Step], speculative: Iterable[Step],
 class Throttle:
     """due() is True at most once per `every_s`. Redrawing three Plotly charts on every step
     costs the browser far more than decoding the step, so the live page redraws them only
-    this often (and once more at the end); the text streams on every step."""
+    this often (and once more at the end); the transcripts, every 0.1 s at most."""
 
     def __init__(self, every_s: float = 0.6, clock=time.monotonic):
         self.every_s, self.clock, self.last = every_s, clock, None
@@ -463,7 +463,8 @@ class Transcript:
     def grid_html(self) -> str:
         """The step grid: per step, each drafted token (accepted, rejected, or unjudged when
         the budget cut the step), the target's own token, and the step's timings."""
-        head = "".join(f'<th style="{_CELL_STYLE}">{escape_text(h)}</th>' for h in GRID_COLUMNS)
+        head = "".join(f'<th style="{_CELL_STYLE}; white-space: nowrap">{escape_text(h)}</th>'
+                       for h in GRID_COLUMNS)
         rows = "".join(self._grid_row(s, sec) for s, sec in zip(self.steps, self.seconds))
         return (f'<div class="scylla-grid" style="overflow-x: auto; max-height: 28rem">'
                 f'<table style="border-collapse: collapse; font-size: 0.85rem; width: 100%">'
@@ -486,7 +487,8 @@ class Transcript:
         cells = ["prefill" if s.index == 0 else str(s.index), " ".join(chips), own,
                  f"{s.draft_ms:.1f}", f"{s.verify_ms:.1f}", f"{seconds * 1e3:.1f}"]
         escaped = [escape_text(cells[0])] + cells[1:3] + [escape_text(c) for c in cells[3:]]
-        return "<tr>" + "".join(f'<td style="{_CELL_STYLE}">{c}</td>' for c in escaped) + "</tr>"
+        styles = [_NUMBER_CELL, _TEXT_CELL, _TEXT_CELL] + [_NUMBER_CELL] * 3
+        return "<tr>" + "".join(f'<td style="{st}">{c}</td>' for st, c in zip(styles, escaped)) + "</tr>"
 
 
 GRID_COLUMNS = ("step", "drafted", "target token", "draft ms", "verify ms", "step ms")
@@ -503,7 +505,9 @@ def rejected_drafts(step: Step) -> list[int]:
 _BOX_STYLE = ("white-space: pre-wrap; overflow-wrap: anywhere; word-break: break-word; "
               "line-height: 1.7; font-family: ui-monospace, monospace; font-size: 0.9rem")
 _CELL_STYLE = ("border-bottom: 1px solid #8883; padding: 2px 6px; vertical-align: top; "
-               "white-space: pre-wrap; overflow-wrap: anywhere; font-family: ui-monospace, monospace")
+               "font-family: ui-monospace, monospace")
+_TEXT_CELL = _CELL_STYLE + "; white-space: pre-wrap; overflow-wrap: anywhere"
+_NUMBER_CELL = _CELL_STYLE + "; white-space: nowrap; text-align: right"
 _STYLE = {
     "plain": f"color: {COLORS['plain']}",
     "accepted": f"background: {COLORS['accepted']}26; color: {COLORS['accepted']}; "

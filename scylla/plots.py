@@ -290,13 +290,14 @@ def timeline_figure(frame: pd.DataFrame, title: str = "Compute clock, step by st
                 end = float((lane["start_ms"] + lane["ms"]).max())
                 fig.add_annotation(x=end, y=side, xanchor="left", showarrow=False,
                                    text=f" {int(lane['total_tokens'].max())} tokens, {end:,.0f} ms")
-    fig.update_layout(barmode="overlay", bargap=0.35, height=260)
     fig.update_yaxes(categoryorder="array", categoryarray=sides)
-    return _layout(fig, title, "compute ms (each side's own clock)", "")
+    _layout(fig, title, "compute ms (each side's own clock)", "")
+    return fig.update_layout(barmode="overlay", bargap=0.35, height=300, margin=dict(l=50, r=20, t=80, b=45),
+                             legend=dict(orientation="h", x=0, y=1.0, yanchor="bottom"))
 
 
 def confidence_figure(frame: pd.DataFrame,
-                      title: str = "Draft confidence against acceptance, by position") -> go.Figure:
+                      title: str = "Confidence vs acceptance by position") -> go.Figure:
     """Bars: per_position_accept; lines: the draft's mean confidence (q) and the target's
     mean probability (p) of the drafted tokens at each position (live.confidence_by_position)."""
     fig = go.Figure()
