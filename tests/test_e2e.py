@@ -152,12 +152,53 @@ def test_live_decoding_real_model_ngram(page, streamlit_server):
     legend = wait_for_legend(page, expected)
     assert all(name in legend for name in expected), legend
     assert page.get_by_text("draft ngram").count() >= 1
-    assert page.locator('[data-testid="stPlotlyChart"]').count() == 3
+    assert page.locator('[data-testid="stPlotlyChart"]').count() == 4   # and the time line
     assert not [a for a in alerts(page) if "failed" in a or "Error" in a], alerts(page)
     screenshot(page, "live_decoding")
 
     generate(page, "warm")
     check_no_exception(page)
+
+
+CODING_PROMPT = ("Write a function to find the highest common ancestor (not LCA) of two nodes "
+                 "in a binary tree.")
+RAW_MARKUP = ("<span", "scylla-tok", "<|im_end|>", "<|endoftext|>", "<|im_start|>")
+
+
+def metric_value(page, label: str) -> str:
+    metric = page.locator('[data-testid="stMetric"]').filter(has_text=label)
+    return metric.locator('[data-testid="stMetricValue"]').first.inner_text().strip()
+
+
+def test_live_decoding_real_model_coding_prompt_renders_as_text(page, streamlit_server):
+    """Issue 17 as seen: the real target, the scylla draft, a coding prompt, 64 tokens."""
+    open_page(page, streamlit_server, "/Live_decoding", "button:has-text('Generate')", "live decoding")
+    check_no_exception(page)
+    nav = page.locator('[data-testid="stSidebarNav"]').inner_text().splitlines()
+    assert "Overview" in nav and "app" not in nav, nav
+    choose(page, "Draft", "scylla")
+    box = page.locator('[data-testid="stTextArea"]').filter(has_text="Prompt").locator("textarea")
+    box.fill(CODING_PROMPT)
+    box.press("Control+Enter")
+    wait_idle(page)
+
+    generate(page, "coding prompt, scylla")
+    check_no_exception(page)
+    texts = page.locator(".scylla-transcript").all_inner_texts()
+    assert len(texts) == 2 and all(t.strip() for t in texts), texts
+    shown = page.locator('[data-testid="stMain"]').inner_text()
+    assert not [bad for bad in RAW_MARKUP if bad in shown], [bad for bad in RAW_MARKUP if bad in shown]
+    # the verdict agrees with the figures shown next to it
+    tau, breakeven = metric_value(page, "tau per step"), metric_value(page, "break-even tau")
+    verdict = page.locator('[data-testid="stAlert"]').filter(has_text="Speculative decoding").inner_text()
+    print(f"\n[e2e] {verdict}")
+    assert f"tau {tau} tokens per step" in verdict and f"break-even tau {breakeven}" in verdict, verdict
+    ratio = float(tau) / float(breakeven)
+    if ratio > 1.04:
+        assert "decoding wins" in verdict
+    elif ratio < 0.96:
+        assert "decoding loses" in verdict
+    assert page.locator('[data-testid="stPlotlyChart"]').count() == 4
 
 
 def test_scaling_laws_draws_the_plot(page, streamlit_server):
