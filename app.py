@@ -1,8 +1,7 @@
 """Scylla Studio: overview and navigation. Run with `streamlit run app.py`.
 
-The pages live in app_pages/, not pages/: Streamlit treats a folder named pages/ as its
-older automatic navigation, and a page opened by URL then ran on its own, listing the
-overview as "app". With st.navigation alone, the overview is "Overview" however one arrives.
+Navigation is st.navigation over the files in pages/ (never Streamlit's automatic pages/
+listing), so the overview is labelled "Overview" however one arrives, by URL included.
 """
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import streamlit as st
 
 from scylla import ScyllaError, live, plots, studio
 
-PAGES_DIR = Path(__file__).resolve().parent / "app_pages"
+PAGES_DIR = Path(__file__).resolve().parent / "pages"
 
 
 def overview() -> None:

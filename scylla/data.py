@@ -226,7 +226,7 @@ def corpus_key(name: str, target_name: str, layers: list[int]) -> str:
 
 @torch.inference_mode()
 def extract_features(target, seqs: list[list[int]], layers: list[int], out_dir: Path,
-                     shard_tokens: int = 16384, progress=None) -> Path:
+                     shard_tokens: int = 16384, progress=None, prompt_lens: list[int] | None = None) -> Path:
     """Teacher-force each sequence through the target; store the chosen hidden layers (fp16),
     the tokens and the target's greedy next token at every position, in safetensors shards."""
     out_dir = Path(out_dir)
@@ -236,6 +236,7 @@ def extract_features(target, seqs: list[list[int]], layers: list[int], out_dir: 
     for i, seq in enumerate(seqs):
         if shard not in done:
             buf.append(features_of(target, seq, layers))
+            buf[-1]["prompt_len"] = prompt_lens[i] if prompt_lens else 0
         count += len(seq)
         if count >= shard_tokens or i == len(seqs) - 1:
             if shard not in done:
@@ -258,6 +259,7 @@ def features_of(target, seq: list[int], layers: list[int]) -> dict:
 def save_shard(items: list[dict], path: Path) -> None:
     lengths = torch.tensor([len(x["tokens"]) for x in items])
     tensors = {"lengths": lengths,
+               "prompt_lens": torch.tensor([int(x.get("prompt_len", 0)) for x in items]),
                "tokens": torch.cat([x["tokens"] for x in items]),
                "features": torch.cat([x["features"] for x in items]),
                "labels": torch.cat([x["labels"] for x in items])}
@@ -272,6 +274,10 @@ def load_feature_sequences(feature_dir: Path) -> list[dict]:
     for path in sorted(Path(feature_dir).glob("shard-*.safetensors")):
         shard = load_file(str(path))
         offsets = [0] + shard["lengths"].cumsum(0).tolist()
-        for a, b in zip(offsets[:-1], offsets[1:]):
-            seqs.append({k: shard[k][a:b] for k in ("tokens", "features", "labels")})
+        prompt_lens = shard.get("prompt_lens", torch.zeros(len(offsets) - 1, dtype=torch.long)).tolist()
+        for a, b, plen in zip(offsets[:-1], offsets[1:], prompt_lens):
+            seq = {k: shard[k][a:b] for k in ("tokens", "features", "labels")}
+            if plen:
+                seq["prompt_len"] = plen
+            seqs.append(seq)
     return seqs

@@ -285,11 +285,15 @@ def step(target, cache: KVCache, rows: list[Row], k: int, shape: TreeShape | Non
     layers = rows[0].draft.feature_layers if rows[0].draft is not None else ()
     logits, feats = target.forward.forward(ids, cache, offsets, block, layers)
     verify_ms = (time.perf_counter() - t1) * 1e3
+    t2 = time.perf_counter()
+    logits = logits.float()
+    all_probs = logits_to_probs(logits, temperature, top_p) if temperature > 0 else None  # one batched top-p
+    shared_ms = (time.perf_counter() - t2) * 1e3 / len(rows)
     steps = []
     for b, (row, tree) in enumerate(zip(rows, trees)):
         t2 = time.perf_counter()
-        row_logits = logits[b, :len(tree) + 1].float()
-        probs = logits_to_probs(row_logits, temperature, top_p) if temperature > 0 else None
+        row_logits = logits[b, :len(tree) + 1]
+        probs = all_probs[b, :len(tree) + 1] if all_probs is not None else None
         path, bonus = accept(tree, row_logits, probs, generator)
         kept = [0] + [i + 1 for i in path]
         cache.keep(b, kept)
@@ -298,7 +302,7 @@ def step(target, cache: KVCache, rows: list[Row], k: int, shape: TreeShape | Non
             row.draft.observe([row.context[-1]] + accepted, None if feats is None else feats[b, kept])
         emitted = row.take(accepted + [bonus], eos_ids)
         steps.append(step_record(tree, path, bonus, emitted, row_logits, probs, index, row.row,
-                                 draft_ms[b], verify_ms, (time.perf_counter() - t2) * 1e3, depths[b]))
+                                 draft_ms[b], verify_ms, shared_ms + (time.perf_counter() - t2) * 1e3, depths[b]))
     return steps
 
 
@@ -308,8 +312,10 @@ def step_record(tree, path, bonus, emitted, logits, probs, index, row, draft_ms,
     samples from (at T=0 its untempered softmax); q_draft: the draft's own probability."""
     nodes = tree.recorded(path)
     judged_at = [tree.parents[n] + 1 for n in nodes]
-    dist = probs if probs is not None else torch.softmax(logits, -1)
-    p_draft = [float(dist[at, tree.tokens[n]]) for at, n in zip(judged_at, nodes)]
+    p_draft = []
+    if nodes:
+        dist = probs[judged_at] if probs is not None else torch.softmax(logits[judged_at], -1)
+        p_draft = [float(dist[j, tree.tokens[n]]) for j, n in enumerate(nodes)]
     return Step(index=index, drafted=[tree.tokens[n] for n in nodes],
                 accepted=min(len(path), len(emitted)),
                 bonus=bonus if len(emitted) == len(path) + 1 else None, emitted=emitted,

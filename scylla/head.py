@@ -9,6 +9,7 @@ the head is the target's frozen lm_head or a reduced vocabulary mapped back.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class HeadConfig:
     tokens: int = 0                 # pretraining tokens seen (the paper's token volume)
     seed: int = 0
     kind: str = "scylla"
+    max_positions: int = 384        # positions it was trained at (older drafts: the first 384)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -236,6 +238,10 @@ class LeanHead:
         return out.index_copy_(-1, self.d2t, probs)
 
 
+class DraftPositionWarning(UserWarning):
+    """Decoding past the positions a draft was trained at."""
+
+
 class HeadDraft(Draft):
     def __init__(self, head: FeatureHead, name: str):
         self.head, self.name = head, name
@@ -248,9 +254,19 @@ class HeadDraft(Draft):
         self.features: torch.Tensor | None = None   # [L, nF*H] real target features
         self.n_real = 0                              # draft cache entries built from real features
         self.root: torch.Tensor | None = None        # the head's state at the last real position
+        self.warned = False
 
     def observe(self, tokens, features):
         self.features = features if self.features is None else torch.cat([self.features, features])
+        self.warn_past_trained_positions(self.features.shape[0])
+
+    def warn_past_trained_positions(self, position: int) -> None:
+        """Once per sequence: a draft decoding past the positions it was trained at is guessing."""
+        limit = self.head.cfg.max_positions
+        if position > limit and not self.warned:
+            self.warned = True
+            warnings.warn(f"draft {self.name!r} was trained on positions < {limit}; decoding at {position} "
+                          f"(its acceptance may drop)", DraftPositionWarning, stacklevel=2)
 
     def catch_up(self, context) -> torch.Tensor:
         """Drop last step's draft slots, feed the new real features; the state at the root [H].

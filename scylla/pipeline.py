@@ -23,6 +23,7 @@ CORPORA = {"mix": {"selfdistill-960-s1": None, "stdlib-chat": None},
            "answers": {"selfdistill-960-s2": 0.4, "selfdistill-960-s1": 0.35, "stdlib-chat": 0.25},
            # only the target's own chat answers: the alignment stage's data
            "responses": {"selfdistill-960-s2": 0.5, "selfdistill-960-s1": 0.5}}
+ANSWERS_CORPUS = "answers-v2"   # the target's own answers, full length (scylla/corpus.py)
 FEATURE_BUDGET = {"answers": 280_000, "responses": 40_000}  # tokens of target features cached per corpus
 DEFAULT_FEATURE_BUDGET = 150_000  # the 2^17 budget + held-out
 
@@ -32,7 +33,7 @@ def mixed_sequences(corpus: str, budget: int | None = None) -> list[list[int]]:
     (every token budget of a sweep) holds each source in its share."""
     shares = CORPORA.get(corpus)
     if shares is None:
-        raise ScyllaError(f"unknown --corpus {corpus!r}; choose {', '.join(CORPORA)}")
+        raise ScyllaError(f"unknown --corpus {corpus!r}; choose {', '.join([*CORPORA, ANSWERS_CORPUS])}")
     for name in shares:
         if not corpus_path(name).is_file():
             raise ScyllaError(f"corpus {name} is not built; run `scylla build-corpus` first")
@@ -82,15 +83,29 @@ def interleave_by_share(parts: list[list[list[int]]], shares: list[float]) -> li
         used[i] += len(seq)
 
 
+def answer_sequences() -> tuple[list[list[int]], list[int]]:
+    """The answers-v2 corpus (scylla build-corpus --answers): full sequences and prompt lengths."""
+    from scylla.corpus import read_answers
+
+    rows = read_answers()
+    if not rows:
+        raise ScyllaError("corpus answers-v2 is not built; run `scylla build-corpus --answers N` first")
+    return [r["prompt_ids"] + r["answer_ids"] for r in rows], [len(r["prompt_ids"]) for r in rows]
+
+
 def ensure_features(target, corpus: str) -> Path:
     layers = stored_layers(target.model.config.num_hidden_layers)
     folder = cache_root() / "features" / f"{corpus}-{corpus_key(corpus, target.name, layers)}"
     if (folder / "DONE").is_file():
         return folder
-    seqs = mixed_sequences(corpus)
+    prompt_lens = None
+    if corpus == ANSWERS_CORPUS:
+        seqs, prompt_lens = answer_sequences()
+    else:
+        seqs = mixed_sequences(corpus)
     total = sum(map(len, seqs))
     with tqdm(total=total, desc="target features", unit="tok") as bar:
-        extract_features(target, seqs, layers, folder, progress=bar.update)
+        extract_features(target, seqs, layers, folder, progress=bar.update, prompt_lens=prompt_lens)
     return folder
 
 
@@ -108,7 +123,7 @@ def align_stage(target, record: dict, cfg: TrainConfig, out: Path, tokens: int) 
         (out / "aligned" / name).replace(out / name)
     merged = {**record, "wall_s": round(record["wall_s"] + aligned["wall_s"], 1),
             "final_loss": aligned["final_loss"], "heldout_top1": aligned["heldout_top1"],
-            "corpus": f"{record['corpus']}+align:responses:{tokens}", "path": str(out)}
+            "corpus": f"{record['corpus']}+align:responses:{tokens}", "name": out.name}
     (out / "training.json").write_text(json.dumps(merged, indent=2))
     return merged
 

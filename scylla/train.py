@@ -38,7 +38,8 @@ class TrainConfig:
     ttt_steps: int = 3
     lr: float = 1e-3
     batch_seqs: int = 4
-    max_len: int = 384
+    max_len: int = 2048          # positions per sequence: the context the draft decodes at
+    prompt_weight: float = 0.1   # loss weight of prompt positions (answer positions weigh 1)
     seed: int = 0
     init_from_target: bool = True
     reg_weight: float = 1.0      # feature regression (last-layer fusion only, as EAGLE-1/2)
@@ -70,28 +71,67 @@ def split_heldout(seqs: list[dict], share: float = 0.05, seed: int = 1234) -> tu
 
 
 def token_stream(seqs: list[dict], budget: int, max_len: int, seed: int):
-    """Yield (possibly truncated) sequences until exactly `budget` positions are used."""
+    """Yield whole sequences (a longer one: its last max_len positions, where the answer is)
+    until exactly `budget` loss positions are used. A sequence's loss positions are its
+    answer positions when it marks them (prompt_len), else all of them."""
     rng = random.Random(seed)
-    used, epoch = 0, 0
+    used = 0
     while used < budget:
         order = list(range(len(seqs)))
         rng.shuffle(order)
+        progressed = False
         for i in order:
-            seq = seqs[i]
-            length = min(len(seq["tokens"]), max_len)
-            positions = min(length - 1, budget - used)
+            item = window(seqs[i], max_len)
+            positions = loss_positions(item)
             if positions < 1:
                 continue
-            yield {k: v[:positions + 1] for k, v in seq.items()}
+            if used + positions > budget:
+                item = cut_to_budget(item, budget - used)
+                positions = loss_positions(item)
+            yield item
             used += positions
+            progressed = True
             if used >= budget:
                 return
-        epoch += 1
+        if not progressed:
+            return
+
+
+def window(seq: dict, max_len: int) -> dict:
+    n = len(seq["tokens"])
+    if n <= max_len:
+        return seq
+    drop = n - max_len
+    out = {k: v[drop:] for k, v in seq.items() if k != "prompt_len"}
+    out["prompt_len"] = max(0, int(seq.get("prompt_len", 0)) - drop)
+    return out
+
+
+def loss_positions(seq: dict) -> int:
+    """Positions t whose label (the target's token at t + 1) is trained at full weight."""
+    return len(seq["tokens"]) - 1 - max(0, int(seq.get("prompt_len", 0)) - 1)
+
+
+def cut_to_budget(seq: dict, positions: int) -> dict:
+    keep = max(0, int(seq.get("prompt_len", 0)) - 1) + positions + 1
+    out = {k: v[:keep] for k, v in seq.items() if k != "prompt_len"}
+    if "prompt_len" in seq:
+        out["prompt_len"] = seq["prompt_len"]
+    return out
+
+
+def position_weights(seq: dict, prompt_weight: float) -> torch.Tensor:
+    """Weight of the label at each position: answer positions 1, prompt positions less."""
+    n = len(seq["tokens"])
+    w = torch.ones(n)
+    w[:max(0, int(seq.get("prompt_len", 0)) - 1)] = prompt_weight
+    return w
 
 
 def collate(items: list[dict], feature_cols: slice, last_cols: slice | None = None,
-            dtype=torch.float32) -> dict:
+            dtype=torch.float32, prompt_weight: float = 1.0) -> dict:
     width = max(len(x["tokens"]) for x in items)
+    items = [{**x, "weights": position_weights(x, prompt_weight)} for x in items]
     def pad(key, fill, rows):
         out = []
         for x in items:
@@ -101,6 +141,7 @@ def collate(items: list[dict], feature_cols: slice, last_cols: slice | None = No
         return torch.stack(out)
     mask = torch.stack([torch.arange(width) < len(x["tokens"]) for x in items]).long()
     return {"tokens": pad("tokens", 0, None), "labels": pad("labels", -100, None),
+            "weights": pad("weights", 0.0, None),
             "features": pad("features", 0, feature_cols).to(dtype),
             "last": pad("features", 0, last_cols).to(dtype) if last_cols else None, "mask": mask}
 
@@ -134,6 +175,7 @@ def head_loss(head: FeatureHead, batch: dict, t2d: torch.Tensor | None, cfg: Tra
     attn = mask[:, 1:]
     tgt = labels[:, 1:].clone()
     tgt[attn == 0] = -100
+    weights = batch["weights"][:, :-1] * (attn == 1)  # weight of predicting the token at t + 2
     if t2d is not None:
         tgt = torch.where(tgt >= 0, t2d[tgt.clamp_min(0)], tgt)
     g = head.fuse(inp_feat)
@@ -141,10 +183,12 @@ def head_loss(head: FeatureHead, batch: dict, t2d: torch.Tensor | None, cfg: Tra
     for step in range(cfg.ttt_steps):
         h = head(head.fc(torch.cat([g, head.embed(inp_tok)], -1)), attention_mask=attn)
         logits = head.logits(h)
-        ce = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
+        per_pos = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100, reduction="none")
+        w = weights.flatten() * (tgt.flatten() != -100)
+        ce = (per_pos * w).sum() / w.sum().clamp_min(1e-6)
         total = total + (0.8 ** step) * ce
         if step == 0:
-            valid = tgt != -100
+            valid = (tgt != -100) & (weights >= 1.0)   # top-1 on answer positions
             top1 = ((logits.argmax(-1) == tgt) & valid).sum().item() / max(valid.sum().item(), 1)
             if cfg.fusion == "last" and cfg.reg_weight > 0:
                 true_next = batch["last"][:, 1:].to(dtype)
@@ -161,10 +205,10 @@ def heldout_top1(head, seqs, t2d, cfg, cols) -> float:
     hits = n = 0
     one_pass = TrainConfig(**{**asdict(cfg), "ttt_steps": 1, "reg_weight": 0.0})
     for i in range(0, len(seqs), cfg.batch_seqs):
-        items = [{k: v[:cfg.max_len] for k, v in s.items()} for s in seqs[i:i + cfg.batch_seqs]]
-        batch = collate(items, cols)
+        items = [window(s, cfg.max_len) for s in seqs[i:i + cfg.batch_seqs]]
+        batch = collate(items, cols, prompt_weight=cfg.prompt_weight)
         _, acc = head_loss(head, batch, t2d, one_pass)
-        count = int((batch["mask"][:, 1:] == 1).sum())
+        count = int(((batch["mask"][:, 1:] == 1) & (batch["weights"][:, :-1] >= 1.0)).sum())
         hits += acc * count
         n += count
     head.train()
@@ -221,7 +265,8 @@ def make_head(target_model, cfg: TrainConfig, vocab_ids: torch.Tensor | None, na
                       draft_vocab=cfg.draft_vocab, heads=tc.num_attention_heads,
                       kv_heads=tc.num_key_value_heads, intermediate=tc.intermediate_size,
                       rope_theta=float(tc.rope_parameters["rope_theta"]), rms_eps=tc.rms_norm_eps,
-                      ttt_steps=cfg.ttt_steps, tokens=cfg.tokens, seed=cfg.seed, kind=cfg.kind)
+                      ttt_steps=cfg.ttt_steps, tokens=cfg.tokens, seed=cfg.seed, kind=cfg.kind,
+                      max_positions=cfg.max_len)
     torch.manual_seed(cfg.seed)
     head = FeatureHead(hcfg)
     if cfg.init_from_target:
@@ -242,7 +287,7 @@ def train_head(target, seqs: list[dict], cfg: TrainConfig, out_dir: Path, target
     check_train_config(cfg)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     train_seqs, held = split_heldout(seqs)
-    unique = sum(len(s["tokens"]) - 1 for s in train_seqs)
+    unique = sum(loss_positions(s) for s in train_seqs)
     if cfg.init_from:
         head, vocab_ids = continued_head(target.model, cfg)
     else:
@@ -281,24 +326,25 @@ def train_head(target, seqs: list[dict], cfg: TrainConfig, out_dir: Path, target
     record = {"draft_kind": cfg.kind, "layers": cfg.layers, "fusion": cfg.fusion, "draft_vocab": cfg.draft_vocab,
               "tokens": cfg.tokens, "ttt_steps": cfg.ttt_steps, "seed": cfg.seed,
               "wall_s": round(time.time() - start, 1), "final_loss": state.get("loss"),
-              "heldout_top1": round(top1, 4), "unique_tokens": unique, "path": str(out_dir)}
+              "heldout_top1": round(top1, 4), "unique_tokens": unique, "max_positions": cfg.max_len,
+              "prompt_weight": cfg.prompt_weight, "name": out_dir.name}
     (out_dir / "training.json").write_text(json.dumps(record, indent=2))
     return record
 
 
 def lr_lambda(cfg: TrainConfig, seqs: list[dict]):
     """Linear warm-up over the first 5% of steps, then linear decay to 10%."""
-    mean_len = sum(min(len(s["tokens"]), cfg.max_len) - 1 for s in seqs) / len(seqs)
+    mean_len = sum(loss_positions(window(s, cfg.max_len)) for s in seqs) / len(seqs)
     n_steps = max(1, math.ceil(cfg.tokens / (cfg.batch_seqs * mean_len)))
     warm = max(1, n_steps // 20)
     return lambda s: min(1.0, (s + 1) / warm) * max(0.1, 1 - s / n_steps)
 
 
 def run_batch(items, head, optimizer, schedule, accelerator, t2d, cfg, cols, seen, step, state, bar):
-    positions = sum(len(x["tokens"]) - 1 for x in items)
+    positions = sum(loss_positions(x) for x in items)
     if seen + positions <= state["seen"]:  # resuming: skip what the checkpoint already saw
         return seen + positions, step + 1
-    batch = collate(items, cols, last_columns(cols))
+    batch = collate(items, cols, last_columns(cols), prompt_weight=cfg.prompt_weight)
     loss, acc = head_loss(accelerator.unwrap_model(head), batch, t2d, cfg)
     optimizer.zero_grad()
     accelerator.backward(loss)
@@ -311,7 +357,12 @@ def run_batch(items, head, optimizer, schedule, accelerator, t2d, cfg, cols, see
     return seen + positions, step + 1
 
 
+LOG_ONLY = ("unique_tokens", "max_positions", "prompt_weight", "name")
+
+
 def training_row(record: dict) -> dict:
-    """A training record as a row of the store's trainings table (unique_tokens is a log
-    figure kept in training.json, not a column)."""
-    return {k: v for k, v in record.items() if k != "unique_tokens"}
+    """A training record as a row of the store's trainings table: figures kept in
+    training.json only are dropped; `path` holds the draft's name, never a machine path."""
+    row = {k: v for k, v in record.items() if k not in LOG_ONLY}
+    row["path"] = record.get("name") or Path(str(record.get("path", ""))).name
+    return row

@@ -130,8 +130,8 @@ def messages(elements) -> list[str]:
 
 # ---------------------------------------------------------------- every page on the committed store
 
-@pytest.mark.parametrize("page", ["app.py", "app_pages/scaling_laws.py", "app_pages/regression_lab.py",
-                                  "app_pages/runs_and_sweeps.py", "app_pages/live_decoding.py"])
+@pytest.mark.parametrize("page", ["app.py", "pages/scaling_laws.py", "pages/regression_lab.py",
+                                  "pages/runs_and_sweeps.py", "pages/live_decoding.py"])
 def test_every_page_loads_on_a_copy_of_the_committed_store(page, tmp_path, monkeypatch):
     db = store_copy(tmp_path)
     monkeypatch.setenv("SCYLLA_DB", str(db))
@@ -168,7 +168,7 @@ def test_overview_without_a_store(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- scaling laws
 
 def test_laws_page_on_reference_data_draws_fit_and_bands(ref_db):
-    at = app("app_pages/scaling_laws.py")
+    at = app("pages/scaling_laws.py")
     assert at.radio(key="source").value == "Published reference"  # no runs yet
     specs = chart_specs(at)
     law = next(s for s in specs if '"prediction band"' in s)
@@ -181,7 +181,7 @@ def test_laws_page_on_reference_data_draws_fit_and_bands(ref_db):
 
 
 def test_laws_page_groups_saturating_and_extrapolation(ref_db):
-    at = app("app_pages/scaling_laws.py")
+    at = app("pages/scaling_laws.py")
     at.multiselect(key="rf_method").set_value([])        # every method
     at.selectbox(key="ref_group").set_value("method")
     at.checkbox(key="saturating").check()
@@ -196,7 +196,7 @@ def test_laws_page_groups_saturating_and_extrapolation(ref_db):
 
 
 def test_laws_page_measured_runs_fit_and_recommend(runs_db):
-    at = app("app_pages/scaling_laws.py")
+    at = app("pages/scaling_laws.py")
     assert at.radio(key="source").value == "Measured runs (store)"
     at.selectbox(key="axis").set_value("tokens")
     at.selectbox(key="metric").set_value("tau")
@@ -209,7 +209,7 @@ def test_laws_page_measured_runs_fit_and_recommend(runs_db):
 
 
 def test_laws_page_empty_selection_says_so(runs_db):
-    at = app("app_pages/scaling_laws.py")
+    at = app("pages/scaling_laws.py")
     at.selectbox(key="metric").set_value("throughput").run()   # no run measured throughput
     assert not at.exception
     assert any("No points match" in m for m in messages(at.info))
@@ -218,7 +218,7 @@ def test_laws_page_empty_selection_says_so(runs_db):
 # ---------------------------------------------------------------- regression lab
 
 def test_lab_refuses_drop_table_and_runs_a_select(runs_db):
-    at = app("app_pages/regression_lab.py")
+    at = app("pages/regression_lab.py")
     assert len(at.get("plotly_chart")) == 2     # default query + formula: coefficients; residuals and QQ
     at.text_area(key="sql").set_value("DROP TABLE runs")
     at.button(key="run_sql").click().run()
@@ -238,7 +238,7 @@ def test_lab_refuses_drop_table_and_runs_a_select(runs_db):
 
 
 def test_lab_bad_formula_and_wls_glm(runs_db):
-    at = app("app_pages/regression_lab.py")
+    at = app("pages/regression_lab.py")
     at.text_input(key="formula").set_value("throughput_ratio ~ __import__('os')").run()
     assert not at.exception and at.error
     at.text_input(key="formula").set_value("throughput_ratio ~ np.log(batch_size)").run()
@@ -252,7 +252,7 @@ def test_lab_bad_formula_and_wls_glm(runs_db):
 # ---------------------------------------------------------------- runs and sweeps
 
 def test_runs_page_lists_runs_and_compares_drafts(runs_db):
-    at = app("app_pages/runs_and_sweeps.py")
+    at = app("pages/runs_and_sweeps.py")
     assert len(at.dataframe[0].value) == len(synthetic_runs())
     spec = chart_specs(at)[0]
     assert '"ngram"' in spec and '"scylla-L1-T1000000"' in spec
@@ -261,14 +261,14 @@ def test_runs_page_lists_runs_and_compares_drafts(runs_db):
 
 
 def test_runs_page_without_runs(ref_db):
-    at = app("app_pages/runs_and_sweeps.py")
+    at = app("pages/runs_and_sweeps.py")
     assert any("No measured runs" in m for m in messages(at.info))
 
 
 # ---------------------------------------------------------------- live decoding (tiny model)
 
 def test_live_page_streams_both_sides_with_charts(tiny_live):
-    at = app("app_pages/live_decoding.py")
+    at = app("pages/live_decoding.py")
     at.selectbox(key="draft_kind").set_value("ngram")  # the shipped scylla draft fits the real target only
     at.slider(key="max_tokens").set_value(16)
     at.button(key="generate").click().run()
@@ -288,7 +288,7 @@ def test_live_page_streams_both_sides_with_charts(tiny_live):
 
 
 def test_live_page_decodes_with_a_draft_tree(tiny_live):
-    at = app("app_pages/live_decoding.py")
+    at = app("pages/live_decoding.py")
     at.selectbox(key="draft_kind").set_value("layerskip").run()
     at.number_input(key="skip_layers").set_value(1)
     at.radio(key="shape").set_value("tree").run()
@@ -302,7 +302,7 @@ def test_live_page_decodes_with_a_draft_tree(tiny_live):
 
 @pytest.mark.parametrize("prompt, expected", [("   ", "empty"), ("x" * 5000, "too long")])
 def test_live_page_rejects_bad_prompts(tiny_live, prompt, expected):
-    at = app("app_pages/live_decoding.py")
+    at = app("pages/live_decoding.py")
     at.text_area(key="prompt").set_value(prompt)
     at.button(key="generate").click().run()
     assert not at.exception
@@ -316,7 +316,7 @@ def test_live_page_missing_draft_suggests_ngram(tiny_live, monkeypatch):
         raise FileNotFoundError(f"no trained draft at assets/drafts/{spec}")
 
     monkeypatch.setattr(scylla.drafts, "make_draft", missing)
-    at = app("app_pages/live_decoding.py")
+    at = app("pages/live_decoding.py")
     at.selectbox(key="draft_kind").set_value("scylla")
     at.button(key="generate").click().run()
     assert not at.exception
@@ -331,7 +331,7 @@ def test_runs_page_starts_a_background_sweep_and_shows_its_log(ref_db, monkeypat
     monkeypatch.setattr(studio, "sweep_available", lambda: (True, ""))
     script = "print('run 1/2', flush=True); print('run 2/2', flush=True)"
     monkeypatch.setattr(studio, "sweep_command", lambda config, db=None: [sys.executable, "-c", script])
-    at = app("app_pages/runs_and_sweeps.py")
+    at = app("pages/runs_and_sweeps.py")
     submit = next(b for b in at.button if b.label == "Start sweep")
     submit.click().run()
     assert not at.exception and not at.error, messages(at.error)
@@ -351,7 +351,7 @@ def test_laws_page_overlays_published_figures_on_the_batch_axis(tmp_path, monkey
          "batch": b, "category": "all", "tau": 1.5, "speedup": 1.6 - 0.12 * math.log(b)}
         for b in (1, 2, 4, 8, 16)])
     monkeypatch.setenv("SCYLLA_DB", str(db))
-    at = app("app_pages/scaling_laws.py")
+    at = app("pages/scaling_laws.py")
     at.selectbox(key="axis").set_value("batch")
     at.selectbox(key="metric").set_value("speedup").run()
     at.checkbox(key="overlay").check().run()
@@ -362,7 +362,7 @@ def test_laws_page_overlays_published_figures_on_the_batch_axis(tmp_path, monkey
 
 
 def test_live_page_use_example_fills_the_prompt(tiny_live):
-    at = app("app_pages/live_decoding.py")
+    at = app("pages/live_decoding.py")
     cats = at.selectbox(key="example_category").options
     at.selectbox(key="example_category").set_value(cats[-1]).run()
     chosen = at.selectbox(key="example_prompt").value

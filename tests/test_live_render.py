@@ -267,7 +267,7 @@ def stub_page(monkeypatch, tmp_path):
     monkeypatch.setenv("SCYLLA_PREWARM", "0")
     monkeypatch.setenv("SCYLLA_RUNS_DIR", str(tmp_path / "runs"))
     target = live_stub.install(monkeypatch.setattr)
-    at = AppTest.from_file(str(ROOT / "app_pages" / "live_decoding.py"), default_timeout=120)
+    at = AppTest.from_file(str(ROOT / "pages" / "live_decoding.py"), default_timeout=120)
     at.run()
     yield at, target
     st.cache_resource.clear()

@@ -1,0 +1,69 @@
+"""The answers-v2 corpus on a tiny random target with the real tokenizer: provenance, dedup,
+no overlap with the evaluation prompts, and a build that resumes after a kill."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scylla import corpus, sources
+from scylla.data import eval_prompts
+
+
+@pytest.fixture
+def chat_target(tiny_chat_target_dir, tmp_path, monkeypatch):
+    from scylla.models import load_target
+
+    monkeypatch.setenv("SCYLLA_CACHE", str(tmp_path / "cache"))
+    return load_target(str(tiny_chat_target_dir))
+
+
+@pytest.fixture
+def small_long_texts(monkeypatch):
+    """A few passages, one of them an evaluation prompt's own text and one repeated."""
+    leaked = max(eval_prompts(), key=lambda r: len(r["prompt"]))["prompt"]
+    texts = [("test-docs", f"Passage {i}: " + " ".join(f"word{i}_{j}" for j in range(80))) for i in range(6)]
+    texts += [("test-docs", texts[0][1]), ("test-leak", leaked)]
+    monkeypatch.setattr(sources, "long_texts", lambda: texts)
+    return texts
+
+
+def test_near_duplicates_and_evaluation_prompts_are_dropped():
+    evals = eval_prompts()
+    rows = [{"prompt": evals[0]["prompt"], "source": "x"},
+            {"prompt": "Translate to French: " + evals[5]["prompt"], "source": "x"},
+            {"prompt": "Write a poem about the moon over a quiet harbour at night.", "source": "x"},
+            {"prompt": "Write a poem about the moon over a quiet harbour at night!", "source": "x"},
+            {"prompt": "Summarize the following text in a few sentences.\n\nAlpha beta gamma delta "
+                       "epsilon zeta eta theta iota kappa lambda mu.", "source": "x"},
+            {"prompt": "Summarize the following text in a few sentences.\n\nOne two three four five "
+                       "six seven eight nine ten eleven twelve.", "source": "x"}]
+    kept = sources.dedup(rows, sources.eval_shingles())
+    assert [r["prompt"][:24] for r in kept] == ["Write a poem about the m", "Summarize the following ",
+                                                "Summarize the following "]
+
+
+def test_prompt_set_records_provenance_and_never_meets_the_evaluation_prompts(chat_target, small_long_texts):
+    prompts = corpus.build_prompt_set(chat_target, 24, seed=0,
+                                      shares={"magpie": 0.25, "template": 0.35, "longtext": 0.4})
+    assert len({p["question_id"] for p in prompts}) == len(prompts) >= 12
+    banned = sources.eval_shingles()
+    assert sources.dedup(prompts, banned) == prompts             # nothing near an evaluation prompt
+    assert not any("test-leak" in p["source"] for p in prompts)  # the leaked passage was dropped
+    record = json.loads((corpus.answers_dir() / "provenance.json").read_text())
+    assert set(record["sources"]) == {"magpie", "template", "longtext"}
+    assert record["prompts"] == len(prompts) and "8-gram" in record["dedup"]
+    assert {p["source"].split(":")[0] for p in prompts} >= {"template", "longtext"}
+
+
+def test_answers_build_resumes_after_a_kill(chat_target, small_long_texts):
+    corpus.build_answers(chat_target, 10, max_new_tokens=5, batch=4)
+    path = corpus.answers_dir() / "answers.jsonl"
+    lines = path.read_text().splitlines()
+    assert len(lines) == len(corpus.build_prompt_set(chat_target, 10))
+    path.write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])   # killed mid-line
+    corpus.build_answers(chat_target, 10, max_new_tokens=5, batch=4)
+    rows = corpus.read_answers()
+    assert [r["question_id"] for r in rows[:3]] == [json.loads(x)["question_id"] for x in lines[:3]]
+    assert sorted(r["question_id"] for r in rows) == sorted(json.loads(x)["question_id"] for x in lines)
+    assert all(0 < len(r["answer_ids"]) <= 5 and r["temperature"] in (0.0, 1.0) for r in rows)
