@@ -119,14 +119,15 @@ class PromptPrefill:
     def features_of(self, layers: tuple[int, ...]) -> torch.Tensor | None:
         if not layers:
             return None
-        return torch.cat([self.features[i] for i in layers], -1)
+        n = max(self.features)   # the last layer is always kept
+        return torch.cat([self.features[i % (n + 1)] for i in layers], -1)
 
 
 def prefill_features(target) -> tuple[int, ...]:
     """The layers any shipped draft kind reads (low, mid, high and the last): a shared
     prefill keeps them so that whichever draft is picked can start from it."""
     n = target.model.config.num_hidden_layers
-    return tuple(sorted({2, n // 2, n - 3, n}))
+    return tuple(sorted({i % (n + 1) for i in (2, n // 2, n - 3, n)}))
 
 
 def prefill_prompt(target, prompt_ids: list[int], need_hidden: bool = True,
@@ -147,7 +148,8 @@ def prefill_prompt(target, prompt_ids: list[int], need_hidden: bool = True,
 def check_shared_prefill(shared: PromptPrefill, prompt_ids: list[int], layers: tuple[int, ...]) -> None:
     if shared.prompt_ids != list(prompt_ids):
         raise ScyllaError("the shared prefill is of another prompt")
-    if any(i not in shared.features for i in layers):
+    n = len(shared.features) and max(shared.features)
+    if any(i % (n + 1) not in shared.features for i in layers):
         raise ScyllaError("the shared prefill has no hidden states, and the draft needs them")
 
 

@@ -334,6 +334,7 @@ class LeanLM:
         logits to compute (default all). Returns logits and the concatenated features of
         `features` layers [B, W, len(features) * H] (None when none are asked)."""
         rows, width = ids.shape
+        features = tuple(i % (self.n_layers + 1) for i in features)  # -1: the last, as in transformers
         positions = block_positions(cache.lengths, offsets, width).to(self.device)
         allowed = mask_for(cache, block, width, self.device)
         x = self.embed[ids.to(self.device)]

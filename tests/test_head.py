@@ -186,3 +186,52 @@ def test_align_stage_replaces_the_draft_and_keeps_the_first_stage(tmp_path, monk
     aligned = load_head(tmp_path / "d", target.model).state_dict()
     assert all(torch.equal(kept[k], first[k]) for k in first)
     assert not torch.equal(aligned["fc.weight"], first["fc.weight"])
+
+
+def test_a_two_layer_target_serves_a_feature_draft_from_a_shared_prefill(tmp_path):
+    """Feature layers count from the end as in transformers (-1 = the last, after the norm)."""
+    from scylla.decoding import prefill_prompt
+
+    target = tiny_target(layers=2)
+    draft = head_draft(target, tmp_path)
+    prompt = [5, 9, 33, 12, 40]
+    own, _ = generate_ids(target, draft, prompt, max_new_tokens=8, k=3)
+    shared, _ = generate_ids(target, draft, prompt, max_new_tokens=8, k=3,
+                             shared_prefill=prefill_prompt(target, prompt))
+    assert own == shared == plain_greedy(target, prompt, 8)
+
+
+def test_long_sequences_are_trained_on_their_answers():
+    """A 600-token sequence whose answer starts at 550: all of it is trained (the old stream
+    kept the first 384 tokens, so none of the answer)."""
+    seq = {"tokens": torch.arange(600), "labels": torch.arange(600), "features": torch.zeros(600, 4),
+           "prompt_len": 550}
+    items = list(token_stream([seq], 50, max_len=2048, seed=0))
+    assert len(items) == 1 and len(items[0]["tokens"]) == 600
+    from scylla.train import loss_positions, position_weights, window
+
+    assert loss_positions(items[0]) == 50
+    short = window(seq, 100)   # past max_len: the last positions, where the answer is
+    assert short["tokens"][0] == 500 and short["prompt_len"] == 50
+    w = position_weights(seq, 0.1)
+    assert w[:549].eq(0.1).all() and w[549:].eq(1.0).all()
+
+
+def test_decoding_past_the_trained_positions_warns_once(tmp_path):
+    from scylla.head import DraftPositionWarning
+
+    target = tiny_target()
+    draft = head_draft(target, tmp_path)
+    draft.head.cfg.max_positions = 16
+    with pytest.warns(DraftPositionWarning, match="trained on positions < 16"):
+        generate_ids(target, draft, list(range(3, 23)), max_new_tokens=6, k=2)
+
+
+def test_training_record_names_no_machine_path(tmp_path):
+    from scylla.train import training_row
+
+    target = tiny_target()
+    record = train_head(target, feature_seqs(target, n=8), tiny_cfg(tokens=300), tmp_path / "mydraft", "tiny")
+    saved = (tmp_path / "mydraft" / "training.json").read_text()
+    assert str(tmp_path) not in saved and record["name"] == "mydraft"
+    assert training_row(record)["path"] == "mydraft"
