@@ -88,7 +88,7 @@ def load_live_target(quant: str = "none", device: str = "auto"):
                           f"Try quantization 'none'.") from exc
     with _LOADED_LOCK:
         _LOADED["targets"][quant] = {"target": target.name, "quant": target.quant,
-                                     "device": target.device}
+                                     "device": target.device, "kernels": target.kernels}
     return target
 
 
