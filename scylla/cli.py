@@ -101,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ttt", type=positive_int, default=3, help="training-time test unroll steps")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--corpus", default="mix", help="mix | answers | selfdistill | stdlib")
+    t.add_argument("--corpus", default="mix", help="answers-v2 (the target's own answers, full length) | mix | "
+                                                    "answers | selfdistill | stdlib")
+    t.add_argument("--max-len", type=positive_int, default=2048,
+                   help="positions per training sequence (the context the draft decodes at)")
+    t.add_argument("--prompt-weight", type=float, default=0.1, help="loss weight of prompt positions")
     t.add_argument("--align-tokens", type=nonnegative_int, default=0,
                    help="then a second stage on N tokens of the target's own answers (alignment)")
     t.add_argument("--out", help="output folder (default: cache/drafts/NAME)")

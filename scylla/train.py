@@ -57,6 +57,8 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise ScyllaError(f"--fusion must be last or multi, got {cfg.fusion!r}")
     if cfg.draft_vocab < 0 or cfg.ttt_steps < 1:
         raise ScyllaError("--draft-vocab must be >= 0 and --ttt >= 1")
+    if cfg.max_len < 16 or not 0.0 <= cfg.prompt_weight <= 1.0:
+        raise ScyllaError("--max-len must be >= 16 and --prompt-weight in [0, 1]")
 
 
 # ---------------------------------------------------------------- data
@@ -157,10 +159,12 @@ def last_columns(cols: slice) -> slice:
 
 
 def draft_vocab_map(seqs: list[dict], size: int, target_vocab: int) -> torch.Tensor:
-    """The `size` most frequent target next tokens in the corpus (EAGLE-3's reduced vocabulary)."""
+    """The `size` most frequent target next tokens on answer positions (where the draft
+    drafts) in the corpus: EAGLE-3's reduced vocabulary."""
     counts = torch.zeros(target_vocab, dtype=torch.long)
     for s in seqs:
-        counts += torch.bincount(s["labels"], minlength=target_vocab)
+        start = max(0, int(s.get("prompt_len", 0)) - 1)
+        counts += torch.bincount(s["labels"][start:], minlength=target_vocab)
     return counts.argsort(descending=True)[:size].sort().values
 
 
