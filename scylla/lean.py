@@ -200,7 +200,6 @@ class LeanStack:
         self.theta = rope_theta_of(config)
         self.layers = [self.fuse_layer(layer, kind) for layer in layers]
         self.norm = norm.weight.detach()
-        self.split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
         self.device = device
         self.cos = self.sin = torch.empty(0)
 
@@ -247,10 +246,11 @@ class LeanStack:
         return out, kept
 
     def layer(self, flat, p, cache, i, rows, width, cos, sin, slots, span, same, allowed):
-        q, k, v = p["qkv"](torch.rms_norm(flat, (self.hidden,), p["n1"], self.eps)).split(self.split, -1)
-        q = apply_rope(q.view(rows, width, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(rows, width, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-        v = v.view(rows, width, self.kv_heads, self.head_dim).transpose(1, 2)
+        qkv = p["qkv"](torch.rms_norm(flat, (self.hidden,), p["n1"], self.eps))
+        qkv = qkv.view(rows, width, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+        qk = apply_rope(qkv[:, :self.heads + self.kv_heads], cos, sin)   # q and k rotated at once
+        q, k = qk[:, :self.heads], qk[:, self.heads:]
+        v = qkv[:, self.heads + self.kv_heads:]
         keys, values = cache.keys[i], cache.values[i]
         if same:  # every row writes at the same slots: a plain slice
             start = int(cache.lengths[0])
