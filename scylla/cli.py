@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--answers", type=positive_int, metavar="N",
                    help="build the answers-v2 corpus instead: the target's answers to N prompts (magpie, "
                         "templates, long text on this machine), batched on the lean engine, resumable")
+    c.add_argument("--snapshot", action="store_true",
+                   help="then copy the answers-v2 corpus built so far (gzipped) into assets/corpora/")
 
     t = sub.add_parser("train-draft", help="train an EAGLE-style Scylla draft head")
     t.add_argument("--name", default="scylla")
@@ -207,11 +209,18 @@ def cmd_build_corpus(args) -> int:
     from scylla.corpus import build_code, build_selfdistill
     from scylla.models import load_target
 
+    if args.snapshot and not args.answers:
+        from scylla.corpus import save_snapshot
+
+        print(save_snapshot())
+        return 0
     target = load_target()
     if args.answers:
-        from scylla.corpus import build_answers
+        from scylla.corpus import build_answers, save_snapshot
 
         print(build_answers(target, args.answers, args.max_new_tokens, args.batch, seed=args.seed))
+        if args.snapshot:
+            print(save_snapshot())
         return 0
     print(build_code(target))
     print(build_selfdistill(target, args.prompts, args.max_new_tokens, args.batch, seed=args.seed))

@@ -1,7 +1,9 @@
 """Build the training corpora once and record their provenance (`scylla build-corpus`)."""
 from __future__ import annotations
 
+import gzip
 import json
+import shutil
 import time
 import zlib
 from pathlib import Path
@@ -105,18 +107,54 @@ def answers_dir() -> Path:
     return corpus_dir() / ANSWERS
 
 
-def build_prompt_set(target, n: int, seed: int = 0, shares: dict = SHARES, progress=None) -> list[dict]:
+SNAPSHOT = Path(__file__).resolve().parent.parent / "assets" / "corpora" / ANSWERS
+SNAPSHOT_FILES = ("prompts.jsonl", "answers.jsonl", "provenance.json")
+
+
+def save_snapshot(dest: Path | None = None) -> Path:
+    """Copy the corpus built so far, gzipped, into the repository: a fresh machine resumes
+    from it instead of from nothing (generation costs hours on a CPU)."""
+    dest = dest or SNAPSHOT
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in SNAPSHOT_FILES:
+        src = answers_dir() / name
+        if src.is_file():
+            with src.open("rb") as fin, gzip.open(dest / f"{name}.gz", "wb", compresslevel=9) as fout:
+                shutil.copyfileobj(fin, fout)
+    return dest
+
+
+def restore_snapshot(src: Path | None = None) -> bool:
+    """Seed an empty corpus folder from the repository's snapshot; False when there is none
+    or the folder already holds a build."""
+    src = src or SNAPSHOT
+    folder = answers_dir()
+    if (folder / "prompts.jsonl").is_file() or not (src / "prompts.jsonl.gz").is_file():
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in SNAPSHOT_FILES:
+        packed = src / f"{name}.gz"
+        if packed.is_file():
+            with gzip.open(packed, "rb") as fin, (folder / name).open("wb") as fout:
+                shutil.copyfileobj(fin, fout)
+    return True
+
+
+def build_prompt_set(target, n: int, seed: int = 0, shares: dict = SHARES, progress=None,
+                     magpie_batch: int = 32, magpie_tokens: int = 96) -> list[dict]:
     """The training prompts (cached): each source's share, deduplicated, none near an
     evaluation prompt; the record of provenance goes beside them."""
     from scylla import sources
 
+    restore_snapshot()
     path = answers_dir() / "prompts.jsonl"
     if path.is_file():
         return [json.loads(line) for line in path.read_text().splitlines()]
     want = {name: int(n * share * 1.15) + 8 for name, share in shares.items()}   # dedup drops some
     raw = {"template": sources.template_prompts(want["template"], seed),
            "longtext": sources.longtext_prompts(want["longtext"], seed),
-           "magpie": sources.magpie_prompts(target, want["magpie"], seed, progress=progress)}
+           "magpie": sources.magpie_prompts(target, want["magpie"], seed, batch=magpie_batch,
+                                            max_new_tokens=magpie_tokens, progress=progress)}
     banned = sources.eval_shingles()
     kept = {name: sources.dedup(rows, banned)[:int(n * shares[name]) + 1] for name, rows in raw.items()}
     prompts = sources.dedup([p for rows in kept.values() for p in rows], banned)
@@ -130,6 +168,15 @@ def build_prompt_set(target, n: int, seed: int = 0, shares: dict = SHARES, progr
          "(scylla/sources.py); evaluation prompts banned", "long_text": "Debian package descriptions, "
          "/usr/share/doc, Python docstrings and sources on this machine"}, indent=1))
     return prompts
+
+
+def drop_cut_line(path: Path) -> None:
+    """A kill mid-write leaves a last line without its newline: drop it before appending."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        path.write_bytes(data[:data.rfind(b"\n") + 1])
 
 
 def done_ids(path: Path) -> set[str]:
@@ -150,8 +197,10 @@ def build_answers(target, n_prompts: int, max_new_tokens: int = 256, batch: int 
     from scylla.decoding import batch_generate_ids
     from scylla.models import encode_prompt
 
+    restore_snapshot()
     prompts = build_prompt_set(target, n_prompts, seed)
     out = answers_dir() / "answers.jsonl"
+    drop_cut_line(out)
     todo = [p for p in prompts if p["question_id"] not in done_ids(out)]
     encoded = [(p, encode_prompt(target, p["prompt"])[-max_prompt_tokens:]) for p in todo]
     start, made = time.time(), 0
@@ -182,6 +231,7 @@ def length_sorted_batches(encoded: list, batch: int, window: int = 256) -> list[
 
 
 def read_answers() -> list[dict]:
+    restore_snapshot()
     path = answers_dir() / "answers.jsonl"
     rows = []
     for line in path.read_text().splitlines() if path.is_file() else []:

@@ -10,11 +10,15 @@ from scylla import corpus, sources
 from scylla.data import eval_prompts
 
 
+CHEAP_MAGPIE = {"magpie_batch": 4, "magpie_tokens": 8}   # a random model: its requests are noise anyway
+
+
 @pytest.fixture
 def chat_target(tiny_chat_target_dir, tmp_path, monkeypatch):
     from scylla.models import load_target
 
     monkeypatch.setenv("SCYLLA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(corpus, "SNAPSHOT", tmp_path / "no-snapshot")   # not the repository's
     return load_target(str(tiny_chat_target_dir))
 
 
@@ -44,8 +48,7 @@ def test_near_duplicates_and_evaluation_prompts_are_dropped():
 
 
 def test_prompt_set_records_provenance_and_never_meets_the_evaluation_prompts(chat_target, small_long_texts):
-    prompts = corpus.build_prompt_set(chat_target, 24, seed=0,
-                                      shares={"magpie": 0.25, "template": 0.35, "longtext": 0.4})
+    prompts = corpus.build_prompt_set(chat_target, 24, seed=0, **CHEAP_MAGPIE)
     assert len({p["question_id"] for p in prompts}) == len(prompts) >= 12
     banned = sources.eval_shingles()
     assert sources.dedup(prompts, banned) == prompts             # nothing near an evaluation prompt
@@ -57,6 +60,7 @@ def test_prompt_set_records_provenance_and_never_meets_the_evaluation_prompts(ch
 
 
 def test_answers_build_resumes_after_a_kill(chat_target, small_long_texts):
+    corpus.build_prompt_set(chat_target, 10, **CHEAP_MAGPIE)
     corpus.build_answers(chat_target, 10, max_new_tokens=5, batch=4)
     path = corpus.answers_dir() / "answers.jsonl"
     lines = path.read_text().splitlines()
@@ -67,3 +71,14 @@ def test_answers_build_resumes_after_a_kill(chat_target, small_long_texts):
     assert [r["question_id"] for r in rows[:3]] == [json.loads(x)["question_id"] for x in lines[:3]]
     assert sorted(r["question_id"] for r in rows) == sorted(json.loads(x)["question_id"] for x in lines)
     assert all(0 < len(r["answer_ids"]) <= 5 and r["temperature"] in (0.0, 1.0) for r in rows)
+
+
+def test_a_snapshot_in_the_repository_seeds_a_fresh_machine(chat_target, small_long_texts, tmp_path, monkeypatch):
+    corpus.build_prompt_set(chat_target, 8, **CHEAP_MAGPIE)
+    corpus.build_answers(chat_target, 8, max_new_tokens=4, batch=4)
+    before = corpus.read_answers()
+    snapshot = corpus.save_snapshot(tmp_path / "snapshot")
+    monkeypatch.setenv("SCYLLA_CACHE", str(tmp_path / "fresh-cache"))
+    assert corpus.restore_snapshot(snapshot)
+    assert corpus.read_answers() == before
+    assert not corpus.restore_snapshot(snapshot)   # never over a build in progress
