@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny randomly initialised Llama (fast) and the real bundled target (slow)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -121,20 +122,19 @@ def e2e_db(tmp_path_factory):
     return db
 
 
-@pytest.fixture(scope="session")
-def streamlit_server(e2e_db, tmp_path_factory):
-    """`streamlit run app.py` on 127.0.0.1:<free port>; yields the base URL."""
+@contextlib.contextmanager
+def streamlit_process(launcher: list[str], db, logs, **env_extra):
+    """`<launcher> run app.py` on 127.0.0.1:<free port> against store `db`; yields the URL
+    once /_stcore/health answers, and stops the server after."""
     import subprocess
-    import sys
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    logs = tmp_path_factory.mktemp("e2e-server")
-    env = dict(os.environ, SCYLLA_DB=str(e2e_db), SCYLLA_RUNS_DIR=str(logs / "runs"),
-               PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error")
+    env = dict(os.environ, SCYLLA_DB=str(db), SCYLLA_RUNS_DIR=str(logs / "runs"),
+               PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error", **env_extra)
     log = open(logs / "streamlit.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+        [*launcher, "run", "app.py", "--server.headless", "true",
          "--server.port", str(port), "--server.address", "127.0.0.1",
          "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
         cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -149,6 +149,16 @@ def streamlit_server(e2e_db, tmp_path_factory):
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def streamlit_server(e2e_db, tmp_path_factory):
+    """`streamlit run app.py` on 127.0.0.1:<free port>; yields the base URL."""
+    import sys
+
+    with streamlit_process([sys.executable, "-m", "streamlit"], e2e_db,
+                           tmp_path_factory.mktemp("e2e-server")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

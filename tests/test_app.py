@@ -85,32 +85,10 @@ def runs_db(tmp_path, monkeypatch):
     return db
 
 
-@pytest.fixture(scope="session")
-def tiny_target_dir(tmp_path_factory):
-    """A 4-layer random Llama saved with the real SmolLM2 tokenizer and chat template (4: the
-    shared prefill keeps hidden states of layers 2 and n - 3)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from scylla.models import ensure_bundled_cached
-
-    src = ensure_bundled_cached()  # setup.sh has done it; otherwise this caches it now
-    out = tmp_path_factory.mktemp("tiny-target")
-    tok = AutoTokenizer.from_pretrained(src)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
-                      max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-                      pad_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 @pytest.fixture
-def tiny_live(tiny_target_dir, monkeypatch, ref_db):
-    monkeypatch.setenv("SCYLLA_TARGET", str(tiny_target_dir))
-    return tiny_target_dir
+def tiny_live(tiny_chat_target_dir, monkeypatch, ref_db):
+    monkeypatch.setenv("SCYLLA_TARGET", str(tiny_chat_target_dir))
+    return tiny_chat_target_dir
 
 
 def app(page: str) -> AppTest:

@@ -4,8 +4,6 @@ shows every hostile string; the navigation by URL; several sessions generating a
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 
@@ -13,7 +11,7 @@ import pytest
 
 from scylla import live
 from tests import live_stub
-from tests.conftest import REPO_ROOT, _free_port, _wait_healthy
+from tests.conftest import streamlit_process
 from tests.test_e2e import NEW_TOKEN_JS, check_no_exception, wait_idle
 
 pytestmark = pytest.mark.e2e
@@ -24,27 +22,9 @@ PATHS = ("/", "/Live_decoding", "/Scaling_laws", "/Regression_lab", "/Runs_and_s
 @pytest.fixture(scope="module")
 def stub_server(e2e_db, tmp_path_factory):
     """The app with the stub engine; yields the base URL."""
-    port = _free_port()
-    logs = tmp_path_factory.mktemp("stub-server")
-    env = dict(os.environ, SCYLLA_DB=str(e2e_db), SCYLLA_RUNS_DIR=str(logs / "runs"),
-               SCYLLA_PREWARM="0", PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error")
-    log = open(logs / "streamlit.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", live_stub.BOOT, "run", "app.py", "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1",
-         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        _wait_healthy(f"http://127.0.0.1:{port}", proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with streamlit_process([sys.executable, "-c", live_stub.BOOT], e2e_db,
+                           tmp_path_factory.mktemp("stub-server"), SCYLLA_PREWARM="0") as url:
+        yield url
 
 
 def open_live(page, base: str) -> None:
