@@ -46,8 +46,21 @@ class Linear:
         if self.kind == "packed":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
         if self.kind == "int8":
-            return torch.ops.quantized.linear_dynamic(x, self.weight, True)
+            return torch.ops.quantized.linear_dynamic(x, self.weight, INT8_REDUCE_RANGE)
         return F.linear(x, self.weight)
+
+
+def cpu_has_vnni() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+# Without VNNI, fbgemm's u8 x s8 pairs can saturate 16-bit sums, so activations keep 7 bits;
+# with VNNI the full 8 bits are exact and agree markedly better with fp32 (measured).
+INT8_REDUCE_RANGE = not cpu_has_vnni()
 
 
 def int8_prepack(weight: torch.Tensor):
