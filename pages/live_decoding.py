@@ -161,7 +161,7 @@ if go_clicked:
     try:
         with st.spinner(f"Loading the target ({quant}) ..."):
             target = live.live_target(quant)  # loaded once per process (the page prewarms it)
-        st.caption(f"Target forward on {target.device}: {target.kernels}.")
+        st.caption(live.kernels_caption(target))
         prompt_ids = live.check_prompt_text(prompt, target, int(max_tokens))
         with st.spinner(f"Loading draft {spec_name} ..."):
             draft = get_draft(spec_name, target, quant)

@@ -88,7 +88,7 @@ def load_live_target(quant: str = "none", device: str = "auto"):
                           f"Try quantization 'none'.") from exc
     with _LOADED_LOCK:
         _LOADED["targets"][quant] = {"target": target.name, "quant": target.quant,
-                                     "device": target.device, "kernels": target.kernels}
+                                     "device": target.device, "kernels": getattr(target, "kernels", None)}
     return target
 
 
@@ -149,6 +149,13 @@ def load_live_draft(spec: str, target):
         if spec not in _LOADED["drafts"]:
             _LOADED["drafts"].append(spec)
     return draft
+
+
+def kernels_caption(target) -> str:
+    """Which forward and kernels the target runs on (a target without the engine's forward,
+    such as a scripted one, says so)."""
+    kernels = getattr(target, "kernels", None) or "its own forward"
+    return f"Target forward on {getattr(target, 'device', 'cpu')}: {kernels}."
 
 
 def loaded_summary() -> dict:
