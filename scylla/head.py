@@ -5,6 +5,11 @@ embedding of token t+1, fuses them with a linear layer, runs N Llama decoder lay
 and predicts the feature at t+1 and the token at t+2. Features come from the last
 layer (EAGLE-1/2 style) or from a low, a middle and a high layer (EAGLE-3 style);
 the head is the target's frozen lm_head or a reduced vocabulary mapped back.
+
+Two architectures (HeadConfig.arch): "eagle" (EAGLE-1/2's input: `fc` over [fused features,
+token embedding] into standard Llama layers) and "eagle3" (EAGLE-3's one decoder layer, whose
+q/k/v read the normalised embedding and fused features side by side: scylla/eagle3.py), which
+exports to the layout vLLM and SGLang serve and loads back from it.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
 from scylla import ScyllaError
+from scylla import eagle3
 from scylla.lean import KVCache, LeanStack, Linear, linear_kind
 from scylla.proposals import Draft, DraftTree, logits_to_probs, sample
 
@@ -45,33 +51,58 @@ class HeadConfig:
     seed: int = 0
     kind: str = "scylla"
     max_positions: int = 384        # positions it was trained at (older drafts: the first 384)
+    arch: str = "eagle"             # eagle | eagle3 (see the module docstring)
     extra: dict = field(default_factory=dict)
 
     @property
     def feature_layers(self) -> list[int]:
         """Indices into the target's hidden_states tuple (0 = embeddings)."""
+        if "feature_layers" in self.extra:  # an imported EAGLE-3 draft trained on other layers
+            return list(self.extra["feature_layers"])
         n = self.target_layers
         if self.fusion == "multi":
             return [2, n // 2, n - 3]
         return [n]  # hidden_states[-1]: the last layer after the final norm
 
 
+ARCHS = ("eagle", "eagle3")
+
+
+def check_arch(cfg) -> None:
+    """EAGLE-3's layout fixes one layer, three fused features and an own lm_head."""
+    if cfg.arch not in ARCHS:
+        raise ScyllaError(f"unknown draft arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+    if cfg.arch == "eagle3" and (cfg.layers != 1 or cfg.fusion != "multi" or not cfg.draft_vocab):
+        raise ScyllaError(f"the eagle3 arch has one layer, multi fusion and a draft vocabulary "
+                          f"(got layers {cfg.layers}, fusion {cfg.fusion}, draft_vocab {cfg.draft_vocab})")
+
+
+def llama_body(cfg: HeadConfig) -> LlamaModel:
+    body_cfg = LlamaConfig(hidden_size=cfg.target_hidden, intermediate_size=cfg.intermediate,
+                           num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+                           num_key_value_heads=cfg.kv_heads, vocab_size=1,
+                           rms_norm_eps=cfg.rms_eps,
+                           rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"},
+                           max_position_embeddings=8192, bos_token_id=None,
+                           eos_token_id=None, pad_token_id=None)
+    return LlamaModel(body_cfg)
+
+
 class FeatureHead(nn.Module):
     def __init__(self, cfg: HeadConfig):
         super().__init__()
+        check_arch(cfg)
         self.cfg = cfg
         h = cfg.target_hidden
         n_feat = len(cfg.feature_layers)
         self.fuse = nn.Linear(n_feat * h, h, bias=False) if n_feat > 1 else nn.Identity()
-        self.fc = nn.Linear(2 * h, h, bias=False)
-        body_cfg = LlamaConfig(hidden_size=h, intermediate_size=cfg.intermediate,
-                               num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-                               num_key_value_heads=cfg.kv_heads, vocab_size=1,
-                               rms_norm_eps=cfg.rms_eps,
-                               rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"},
-                               max_position_embeddings=8192, bos_token_id=None,
-                               eos_token_id=None, pad_token_id=None)
-        self.body = LlamaModel(body_cfg)
+        if cfg.arch == "eagle3":
+            self.fc = None  # the fused features and the embedding meet inside the layer
+            self.body = eagle3.Eagle3Body(h, cfg.heads, cfg.kv_heads, cfg.intermediate, cfg.rms_eps,
+                                          cfg.rope_theta)
+        else:  # module order kept: a seed gives the same initial weights as before
+            self.fc = nn.Linear(2 * h, h, bias=False)
+            self.body = llama_body(cfg)
         self.head = nn.Linear(h, cfg.draft_vocab, bias=False) if cfg.draft_vocab else None
         self.register_buffer("d2t", torch.arange(cfg.draft_vocab or 1), persistent=True)
         # frozen target pieces, attached (not saved) by attach_target
@@ -82,18 +113,29 @@ class FeatureHead(nn.Module):
         object.__setattr__(self, "embed", target_model.get_input_embeddings())
         object.__setattr__(self, "lm_head", target_model.get_output_embeddings())
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.weight.dtype if self.head is not None else self.fc.weight.dtype
+
     def step_inputs(self, features: torch.Tensor, tokens: torch.Tensor, fused: bool) -> torch.Tensor:
-        """features [B, T, nF*H] (or already fused [B, T, H]), tokens [B, T] -> [B, T, H]."""
+        """features [B, T, nF*H] (or already fused [B, T, H]), tokens [B, T] -> [B, T, H]
+        (eagle3: [B, T, 2H], the fused features beside the embedding)."""
         g = features if fused else self.fuse(features)
-        return self.fc(torch.cat([g, self.embed(tokens).to(g.dtype)], dim=-1))
+        both = torch.cat([g, self.embed(tokens).to(g.dtype)], dim=-1)
+        return both if self.fc is None else self.fc(both)
 
     def forward(self, inputs: torch.Tensor, cache=None, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """The head's state: eagle: after the final norm; eagle3: before it (what is fed back)."""
+        if self.cfg.arch == "eagle3":
+            return self.body(inputs, attention_mask)
         out = self.body(inputs_embeds=inputs, cache=cache, use_cache=cache is not None,
                         attention_mask=attention_mask, position_ids=position_ids)
         return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocabulary (the full target vocabulary when draft_vocab=0)."""
+        if self.cfg.arch == "eagle3":
+            hidden = self.body.norm(hidden)
         return self.head(hidden) if self.head is not None else self.lm_head(hidden)
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
@@ -107,6 +149,10 @@ class FeatureHead(nn.Module):
 
     def init_from_target(self, target_model) -> None:
         """Start each draft layer from the target's last layer (same shapes): a warm start."""
+        if self.cfg.arch == "eagle3":
+            self.body.midlayer.init_from(target_model.model.layers[-1])
+            self.body.norm.load_state_dict(target_model.model.norm.state_dict())
+            return
         last = target_model.model.layers[-1].state_dict()
         for layer in self.body.layers:
             layer.load_state_dict(last)
@@ -144,16 +190,38 @@ def check_matches_target(cfg: HeadConfig, target_model) -> None:
 
 
 def load_head(folder: Path, target_model) -> FeatureHead:
+    """A saved draft, or an EAGLE-3 folder (exported here or trained elsewhere for this target)."""
+    if eagle3.is_layout_folder(folder):
+        return load_eagle3_head(folder, target_model)
     cfg = read_config(folder)
     check_matches_target(cfg, target_model)
     head = FeatureHead(cfg)
+    load_weights(head, folder, lambda state: state)
+    return attached(head, target_model)
+
+
+def load_weights(head: FeatureHead, folder: Path, mapping) -> None:
+    """safetensors only (nothing is unpickled); `mapping` turns the file's names into the head's."""
     try:
-        state = load_file(str(Path(folder) / WEIGHTS))  # safetensors only: nothing is unpickled
+        state = mapping(load_file(str(Path(folder) / WEIGHTS)))
         head.load_state_dict(state)
     except FileNotFoundError:
-        raise ScyllaError(f"{folder}: no {WEIGHTS}") from None
+        raise ScyllaError(f"{folder}: no {WEIGHTS} (weights load from safetensors only)") from None
+    except ScyllaError:
+        raise
     except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise ScyllaError(f"{folder}/{WEIGHTS}: corrupt or mismatched weights ({str(exc).splitlines()[0]})") from None
+        raise ScyllaError(f"{folder}/{WEIGHTS}: corrupt or mismatched weights ({gist(exc)})") from None
+
+
+def gist(exc: Exception) -> str:
+    """The informative part of an error on one line (torch puts it on the second)."""
+    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}"[:300]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def attached(head: FeatureHead, target_model) -> FeatureHead:
     head.attach_target(target_model)
     ref = target_model.get_input_embeddings().weight
     return head.to(device=ref.device, dtype=ref.dtype).eval()
@@ -171,6 +239,63 @@ def export_head(src: Path, dst: Path) -> None:
     for extra in ("training.json",):
         if (Path(src) / extra).is_file():
             (dst / extra).write_text((Path(src) / extra).read_text())
+
+
+def load_eagle3_head(folder: Path, target_model) -> FeatureHead:
+    """An EAGLE-3 folder (vLLM/SGLang layout) as an eagle3-arch head on this target."""
+    where = str(folder)
+    raw = eagle3.read_layout_config(folder)
+    cfg = HeadConfig(**eagle3.head_fields(raw, target_model.config, where))
+    check_matches_target(cfg, target_model)
+    head = FeatureHead(cfg)
+    load_weights(head, folder, lambda tensors: eagle3.from_layout(tensors, cfg.draft_vocab, where))
+    if int(head.d2t.min()) < 0 or int(head.d2t.max()) >= cfg.target_vocab:
+        raise ScyllaError(f"{folder}: d2t maps draft ids outside the target vocabulary")
+    return attached(head, target_model)
+
+
+def read_draft_state(src: Path) -> tuple[HeadConfig, dict]:
+    """A saved draft's config and tensors (no target needed)."""
+    cfg = read_config(src)
+    try:
+        return cfg, load_file(str(Path(src) / WEIGHTS))
+    except FileNotFoundError:
+        raise ScyllaError(f"{src}: no {WEIGHTS}") from None
+    except Exception as exc:
+        raise ScyllaError(f"{src}/{WEIGHTS}: corrupt weights ({gist(exc)})") from None
+
+
+def export_eagle3(src: Path, out: Path, force: bool = False) -> Path:
+    """Write an eagle3-arch draft in the EAGLE-3 layout vLLM and SGLang load (weights keep
+    their dtype, so loading back here decodes exactly as the source)."""
+    src, out = Path(src), Path(out)
+    if eagle3.is_layout_folder(src):
+        raise ScyllaError(f"{src} is already in the EAGLE-3 layout; serve or load it as it is")
+    cfg, state = read_draft_state(src)
+    if cfg.arch != "eagle3":
+        raise ScyllaError(f"{src}: draft {cfg.kind!r} has the {cfg.arch!r} architecture (fc over [features, "
+                          "embedding] into Llama layers), not EAGLE-3's; only an eagle3-arch draft exports")
+    check_arch(cfg)
+    check_empty_output(out, force)
+    tensors = eagle3.to_layout(state, cfg.target_vocab)
+    config = eagle3.layout_config(
+        hidden=cfg.target_hidden, heads=cfg.heads, kv_heads=cfg.kv_heads, intermediate=cfg.intermediate,
+        rms_eps=cfg.rms_eps, rope_theta=cfg.rope_theta, target_vocab=cfg.target_vocab,
+        draft_vocab=cfg.draft_vocab, feature_layers=cfg.feature_layers, dtype=tensors["fc.weight"].dtype,
+        scylla={"target_name": cfg.target_name, "target_layers": cfg.target_layers, "kind": cfg.kind,
+                "tokens": cfg.tokens, "ttt_steps": cfg.ttt_steps, "seed": cfg.seed,
+                "max_positions": cfg.max_positions})
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / eagle3.WEIGHTS), metadata={"format": "pt"})
+    (out / eagle3.CONFIG).write_text(json.dumps(config, indent=2))
+    return out
+
+
+def check_empty_output(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ScyllaError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ScyllaError(f"{out} exists and is not empty; pass --force to write into it")
 
 
 def shipped_dir() -> Path:
@@ -198,11 +323,17 @@ class LeanHead:
     head runs once per drafted token, so its per-call overhead is what decides its cost."""
 
     def __init__(self, head: FeatureHead):
-        weight = head.fc.weight
+        weight = head.head.weight if head.head is not None else head.fc.weight
         kind = linear_kind(weight.device, "none", weight.dtype)
         self.fuse = Linear(head.fuse.weight, kind) if isinstance(head.fuse, nn.Linear) else None
-        self.fc = Linear(head.fc.weight, kind)
-        self.stack = LeanStack(head.body.layers, head.body.norm, head.body.config, kind, weight.device)
+        if head.cfg.arch == "eagle3":
+            self.fc = None
+            self.stack = eagle3.LeanMidlayer(head.body, kind, weight.device)
+            self.final_norm = self.stack.final_norm  # eagle3 states are fed back before the norm
+        else:
+            self.fc = Linear(head.fc.weight, kind)
+            self.stack = LeanStack(head.body.layers, head.body.norm, head.body.config, kind, weight.device)
+            self.final_norm = None
         self.out = Linear(head.head.weight if head.head is not None else head.lm_head.weight, kind)
         self.embed = head.embed.weight.detach()
         self.d2t = head.d2t if head.head is not None else None
@@ -212,9 +343,10 @@ class LeanHead:
         return self.stack.new_cache(1, capacity, self.embed.dtype)
 
     def step_inputs(self, features: torch.Tensor, tokens: torch.Tensor, fused: bool) -> torch.Tensor:
-        """features [n, nF*H] (or already fused [n, H]), tokens [n] -> [n, H]."""
+        """features [n, nF*H] (or already fused [n, H]), tokens [n] -> [n, H] (eagle3: [n, 2H])."""
         g = features if fused or self.fuse is None else self.fuse(features)
-        return self.fc(torch.cat([g, self.embed[tokens].to(g.dtype)], -1))
+        both = torch.cat([g, self.embed[tokens].to(g.dtype)], -1)
+        return both if self.fc is None else self.fc(both)
 
     def run(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor, allowed=None) -> torch.Tensor:
         """x [n, H] at positions [n], written at the cache's length (which it then includes)."""
@@ -226,6 +358,8 @@ class LeanHead:
         return out[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.final_norm is not None:
+            hidden = self.final_norm(hidden)
         return self.out(hidden).float()
 
     def to_target_ids(self, draft_ids):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from scylla import ScyllaError
-from scylla.head import FeatureHead, HeadConfig, save_head
+from scylla.head import FeatureHead, HeadConfig, check_arch, save_head
 
 STORED_LAYERS_NOTE = "feature cache holds hidden_states[2], [n//2], [n-3] and [n] (fp16)"
 
@@ -46,6 +46,7 @@ class TrainConfig:
     kind: str = "scylla"
     checkpoint_every: int = 200  # optimizer steps
     init_from: str | None = None  # a trained draft folder: continue it (the alignment stage)
+    arch: str = "eagle"          # eagle | eagle3 (EAGLE-3's layer; exports for vLLM and SGLang)
 
 
 def check_train_config(cfg: TrainConfig) -> None:
@@ -59,6 +60,7 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise ScyllaError("--draft-vocab must be >= 0 and --ttt >= 1")
     if cfg.max_len < 16 or not 0.0 <= cfg.prompt_weight <= 1.0:
         raise ScyllaError("--max-len must be >= 16 and --prompt-weight in [0, 1]")
+    check_arch(cfg)
 
 
 # ---------------------------------------------------------------- data
@@ -172,7 +174,7 @@ def draft_vocab_map(seqs: list[dict], size: int, target_vocab: int) -> torch.Ten
 
 def head_loss(head: FeatureHead, batch: dict, t2d: torch.Tensor | None, cfg: TrainConfig):
     """Weighted CE over TTT passes (+ feature regression for last-layer fusion); top-1 of pass 0."""
-    dtype = head.fc.weight.dtype
+    dtype = head.dtype
     feats, toks, labels, mask = batch["features"].to(dtype), batch["tokens"], batch["labels"], batch["mask"]
     inp_feat = feats[:, :-1]
     inp_tok = toks[:, 1:]
@@ -185,7 +187,7 @@ def head_loss(head: FeatureHead, batch: dict, t2d: torch.Tensor | None, cfg: Tra
     g = head.fuse(inp_feat)
     total, top1 = 0.0, None
     for step in range(cfg.ttt_steps):
-        h = head(head.fc(torch.cat([g, head.embed(inp_tok)], -1)), attention_mask=attn)
+        h = head(head.step_inputs(g, inp_tok, fused=True), attention_mask=attn)
         logits = head.logits(h)
         per_pos = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100, reduction="none")
         w = weights.flatten() * (tgt.flatten() != -100)
@@ -255,10 +257,10 @@ def continued_head(target_model, cfg: TrainConfig) -> tuple[FeatureHead, torch.T
     from scylla.head import load_head
 
     head = load_head(Path(cfg.init_from), target_model).train()
-    mine = (head.cfg.layers, head.cfg.fusion, head.cfg.draft_vocab)
-    if mine != (cfg.layers, cfg.fusion, cfg.draft_vocab):
-        raise ScyllaError(f"{cfg.init_from}: the draft to continue has layers/fusion/vocab {mine}, "
-                          f"not {(cfg.layers, cfg.fusion, cfg.draft_vocab)}")
+    mine = (head.cfg.layers, head.cfg.fusion, head.cfg.draft_vocab, head.cfg.arch)
+    if mine != (cfg.layers, cfg.fusion, cfg.draft_vocab, cfg.arch):
+        raise ScyllaError(f"{cfg.init_from}: the draft to continue has layers/fusion/vocab/arch {mine}, "
+                          f"not {(cfg.layers, cfg.fusion, cfg.draft_vocab, cfg.arch)}")
     return head, (head.d2t.clone() if cfg.draft_vocab else None)
 
 
@@ -270,7 +272,7 @@ def make_head(target_model, cfg: TrainConfig, vocab_ids: torch.Tensor | None, na
                       kv_heads=tc.num_key_value_heads, intermediate=tc.intermediate_size,
                       rope_theta=float(tc.rope_parameters["rope_theta"]), rms_eps=tc.rms_norm_eps,
                       ttt_steps=cfg.ttt_steps, tokens=cfg.tokens, seed=cfg.seed, kind=cfg.kind,
-                      max_positions=cfg.max_len)
+                      max_positions=cfg.max_len, arch=cfg.arch)
     torch.manual_seed(cfg.seed)
     head = FeatureHead(hcfg)
     if cfg.init_from_target:
