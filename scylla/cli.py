@@ -113,9 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="output folder (default: cache/drafts/NAME)")
     t.add_argument("--db", help="store the training record in this results.duckdb")
 
-    e = sub.add_parser("export-draft", help="copy a trained draft (float16) into assets/drafts/NAME")
-    e.add_argument("src")
-    e.add_argument("--name", required=True)
+    e = sub.add_parser("export-draft", help="copy a trained draft (float16) into assets/drafts/NAME, or write "
+                                            "it in the EAGLE-3 layout that vLLM and SGLang serve")
+    e.add_argument("src", help="a draft folder or a named draft (scylla, eagle3-style, eagle2-style)")
+    e.add_argument("--name", help="scylla format: the folder name under assets/drafts/")
+    e.add_argument("--format", choices=["scylla", "eagle3"], default="scylla",
+                   help="scylla: this project's draft folder; eagle3: config.json + model.safetensors for "
+                        "vLLM and SGLang (eagle3-arch drafts only; see docs/serving.md)")
+    e.add_argument("--out", help="eagle3 format: the output folder")
+    e.add_argument("--force", action="store_true", help="write into an --out folder that is not empty")
 
     f = sub.add_parser("fit", help="fit metric = intercept + slope * ln(x) by OLS")
     f.add_argument("--db")
@@ -131,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("--db", default="results.duckdb")
     s.add_argument("--dry-run", action="store_true")
+    s.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: points run in this process (default); ray: each point is a Ray task, "
+                        "this process alone writes the store")
+    s.add_argument("--address", help="ray: the cluster to join (HOST:PORT or ray://HOST:PORT); "
+                                     "default: start a local Ray")
+    s.add_argument("--cpus-per-point", type=positive_int, default=1, help="ray: CPUs each point's task declares")
 
     r = sub.add_parser("recommend", help="the draft and draft length the laws predict fastest; --check measures it")
     r.add_argument("--config", required=True, help="the sweep config whose evaluation set-up (and training) to use")
@@ -236,11 +248,31 @@ def cmd_train_draft(args) -> int:
 
 
 def cmd_export_draft(args) -> int:
-    from scylla.head import export_head, shipped_dir
+    from scylla.head import export_eagle3, export_head, shipped_dir
 
-    export_head(Path(args.src), shipped_dir() / args.name)
+    src = draft_source(args.src)
+    if args.format == "eagle3":
+        if not args.out or args.name:
+            raise ScyllaError("--format eagle3 writes to --out DIR (and takes no --name)")
+        print(export_eagle3(src, Path(args.out), force=args.force))
+        return 0
+    if not args.name or args.out:
+        raise ScyllaError("export-draft needs --name NAME (the scylla format), or --format eagle3 --out DIR")
+    export_head(src, shipped_dir() / args.name)
     print(shipped_dir() / args.name)
     return 0
+
+
+def draft_source(spec: str) -> Path:
+    """A draft folder, or a named draft where it is shipped or trained."""
+    from scylla.drafts import NAMED_DRAFTS
+    from scylla.head import named_draft_dir
+
+    if Path(spec).is_dir():
+        return Path(spec)
+    if spec in NAMED_DRAFTS:
+        return named_draft_dir(spec)
+    raise ScyllaError(f"{spec}: no such draft folder or named draft ({', '.join(NAMED_DRAFTS)})")
 
 
 def cmd_fit(args) -> int:
