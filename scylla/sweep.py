@@ -4,12 +4,18 @@ Each grid point has a deterministic id (a hash of its config), trains the draft 
 needs (cached by config hash), benchmarks it against the baseline interleaved per
 prompt, and writes its rows (overall + per category) in one transaction. Killing
 the sweep loses at most the point in flight; rerunning skips finished points.
+
+With `--executor ray` each point is a Ray task that declares its resources and returns
+its rows; this process alone writes the store (DuckDB keeps one writer). A worker that
+dies loses only its point: Ray runs it once more, and a point that still fails is
+reported (the sweep exits 2) while every other point is stored; a rerun retries it.
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
+import socket
 import sys
 import time
 import tomllib
@@ -156,7 +162,24 @@ def finished_ids(db: str) -> set[str]:
     return set(frame["id"]) if len(frame) else set()
 
 
+EXECUTORS = ("local", "ray")
+RAY_RETRIES = 1   # a point whose worker dies runs once more, then is reported
+
+
+def check_executor(args) -> None:
+    executor = getattr(args, "executor", None) or "local"
+    if executor not in EXECUTORS:
+        raise ScyllaError(f"unknown --executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if getattr(args, "address", None) and executor != "ray":
+        raise ScyllaError("--address is for --executor ray")
+    if executor == "ray" and not getattr(args, "dry_run", False):
+        import_ray()
+        if args.address:
+            check_reachable(args.address)   # before anything is printed or written
+
+
 def sweep_command(args) -> int:
+    check_executor(args)
     cfg = load_config(args.config)
     points = grid_points(cfg)
     done = finished_ids(args.db)
@@ -167,6 +190,9 @@ def sweep_command(args) -> int:
             state = "done" if p not in todo else "todo"
             print(f"{state}  {json.dumps(p, sort_keys=True)}")
         return 0
+    if getattr(args, "executor", "local") == "ray":
+        return run_on_ray(cfg, todo, args.db, args.config, getattr(args, "address", None),
+                          getattr(args, "cpus_per_point", 1))
     from scylla.models import load_target
     from scylla.store import init_db
 
@@ -178,22 +204,145 @@ def sweep_command(args) -> int:
 
 
 def run_point(cfg: SweepConfig, point: dict, target, db: str, config_path: str) -> None:
+    from scylla.store import insert_training, write_runs_atomic
+
+    spec, record = point_draft(cfg, point, target)
+    if record is not None:  # stored before the bench: a kill mid-bench keeps the training
+        insert_training(db, record)
+    write_runs_atomic(db, bench_rows(cfg, point, target, spec, config_path))
+
+
+def point_draft(cfg: SweepConfig, point: dict, target) -> tuple[str, dict | None]:
+    """The point's draft spec, training it first where the point trains one (and its record
+    when it was trained now)."""
+    if point.get("draft") is not None:
+        return point["draft"], None
+    folder, record = ensure_draft(cfg, point, target)
+    return str(folder), record
+
+
+def bench_rows(cfg: SweepConfig, point: dict, target, spec: str, config_path: str) -> list[dict]:
     from scylla.bench import run_bench
     from scylla.data import load_prompts
     from scylla.drafts import make_draft
-    from scylla.store import insert_training, write_runs_atomic
 
-    spec, record = point.get("draft"), None
-    if spec is None:
-        folder, record = ensure_draft(cfg, point, target)
-        if record is not None:
-            insert_training(db, record)
-        spec = str(folder)
     draft = make_draft(spec, target)
     prompts = load_prompts(cfg.prompts, cfg.limit)
     report = run_bench(target, draft, prompts, cfg.max_new_tokens, point["k"], point["temperature"],
                        1.0, cfg.seed, spec, point["batch"], tree=point.get("tree"))
-    write_runs_atomic(db, report_rows(cfg, point, report, spec, config_path))
+    return report_rows(cfg, point, report, spec, config_path)
+
+
+# ---------------------------------------------------------------- on Ray
+
+_WORKER_TARGETS: dict = {}   # a Ray worker process loads each target once
+
+
+def point_task(cfg: SweepConfig, point: dict, config_path: str) -> dict:
+    """One point on a Ray worker: trains and measures, writes nothing; returns its rows."""
+    from scylla.models import load_target
+
+    if cfg.target not in _WORKER_TARGETS:
+        _WORKER_TARGETS[cfg.target] = load_target(cfg.target)
+    target = _WORKER_TARGETS[cfg.target]
+    spec, record = point_draft(cfg, point, target)
+    return {"training": record, "rows": bench_rows(cfg, point, target, spec, config_path)}
+
+
+def point_resources(point: dict, cpus: int, cluster_gpus: float) -> dict:
+    """What a point's task declares: its CPUs, and a GPU when it trains a draft on a cluster that has one."""
+    trains = point.get("draft") is None
+    return {"num_cpus": cpus, "num_gpus": 1 if trains and cluster_gpus >= 1 else 0}
+
+
+def run_on_ray(cfg: SweepConfig, todo: list[dict], db: str, config_path: str, address: str | None,
+               cpus: int = 1) -> int:
+    ray = import_ray()
+    started = connect_ray(ray, address)
+    try:
+        from scylla.store import init_db
+
+        init_db(db)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        task = ray.remote(point_task)
+        pending = {task.options(**point_resources(p, cpus, gpus), max_retries=RAY_RETRIES)
+                   .remote(cfg, p, config_path): p for p in todo}
+        failed = collect_points(ray, pending, db, cfg.name)
+    finally:
+        if started:
+            ray.shutdown()
+    if failed:
+        raise ScyllaError(f"{len(failed)} of {len(todo)} point(s) failed, the others are stored; rerun "
+                          f"to retry them (first: {failed[0]})")
+    return 0
+
+
+def collect_points(ray, pending: dict, db: str, name: str) -> list[str]:
+    """Store each point's rows as it finishes (this process is the store's one writer)."""
+    from scylla.store import insert_training, write_runs_atomic
+
+    failed = []
+    bar = tqdm(total=len(pending), desc=f"sweep {name} (ray)", unit="point")
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        point = pending.pop(ready[0])
+        try:
+            out = ray.get(ready[0])
+        except ray.exceptions.RayError as exc:
+            failed.append(f"{json.dumps(point, sort_keys=True)}: {task_error(exc)}")
+            tqdm.write(f"scylla: point failed: {failed[-1]}", file=sys.stderr)
+        else:
+            if out["training"] is not None:
+                insert_training(db, out["training"])
+            write_runs_atomic(db, out["rows"])
+        bar.update(1)
+    bar.close()
+    return failed
+
+
+def task_error(exc: Exception) -> str:
+    """One line: the task's own error where it raised one, else Ray's first line (a dead worker)."""
+    cause = getattr(exc, "cause", None)
+    text = str(cause) if cause is not None else str(exc)
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ScyllaError("--executor ray needs the ray package (pip install ray)") from None
+    return ray
+
+
+def connect_ray(ray, address: str | None) -> bool:
+    """Join the cluster at `address`, or start a local Ray; True when this call started or
+    joined it (so it disconnects after). Nothing answering at `address` is one line."""
+    if ray.is_initialized():
+        return False
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False, logging_level="warning")
+        else:
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level="warning")
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ScyllaError(f"cannot start or join Ray{f' at {address}' if address else ''}: "
+                          f"{task_error(exc)}") from None
+    return True
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast (Ray itself waits long) when nothing listens at HOST:PORT or ray://HOST:PORT."""
+    if address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ScyllaError(f"--address {address!r}: use HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ScyllaError(f"no Ray cluster answers at {address} ({exc.strerror or exc}); nothing was run "
+                          "or written") from None
 
 
 def ensure_draft(cfg: SweepConfig, point: dict, target) -> tuple[Path, dict | None]:
