@@ -155,11 +155,12 @@ def check_draft_spec(spec: str) -> None:
     if kind == "layerskip" and num.isdigit():
         return
     raise ScyllaError(f"unknown --draft {spec!r}; use none, ngram, layerskip:K, "
-                      f"{', '.join(NAMED_DRAFTS)} or a folder with a saved draft")
+                      f"{', '.join(NAMED_DRAFTS)} or a folder with a saved draft or an EAGLE-3 checkpoint")
 
 
 def make_draft(spec: str, target) -> Draft | None:
-    """Resolve a --draft spec: none, ngram, layerskip:K, a named trained draft, or a folder."""
+    """Resolve a --draft spec: none, ngram, layerskip:K, a named trained draft, or a folder
+    (a saved draft, or an EAGLE-3 checkpoint in the vLLM/SGLang layout: scylla.head.load_head)."""
     spec = (spec or "none").strip()
     if spec == "none":
         return None
@@ -175,4 +176,4 @@ def make_draft(spec: str, target) -> Draft | None:
     if Path(spec).is_dir():
         return load_head_draft(Path(spec), target, name=Path(spec).name)
     raise ScyllaError(f"unknown --draft {spec!r}; use none, ngram, layerskip:K, "
-                      f"{', '.join(NAMED_DRAFTS)} or a folder with a saved draft")
+                      f"{', '.join(NAMED_DRAFTS)} or a folder with a saved draft or an EAGLE-3 checkpoint")

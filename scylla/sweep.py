@@ -28,7 +28,7 @@ from scylla import ScyllaError
 
 GRID_KEYS = {"tokens", "layers", "batch", "temperature", "k", "draft", "tree"}
 TOP_KEYS = {"name", "target", "prompts", "limit", "max_new_tokens", "seed", "grid", "train"}
-TRAIN_KEYS = {"fusion", "draft_vocab", "ttt", "seed", "corpus", "lr"}
+TRAIN_KEYS = {"fusion", "draft_vocab", "ttt", "seed", "corpus", "lr", "arch"}
 
 
 @dataclass
@@ -73,6 +73,7 @@ def load_config(path: str) -> SweepConfig:
     check_grid(grid, path)
     if set(train) - TRAIN_KEYS:
         raise ScyllaError(f"{path}: unknown [train] key(s) {sorted(set(train) - TRAIN_KEYS)}")
+    check_train_arch(train, grid, path)
     cfg = SweepConfig(name=str(raw.get("name", Path(path).stem)),
                       prompts=str(raw.get("prompts", "assets/eval_prompts.jsonl")),
                       limit=int(raw.get("limit", 16)), max_new_tokens=int(raw.get("max_new_tokens", 64)),
@@ -102,6 +103,23 @@ def check_grid(grid: dict, path: str) -> None:
             raise ScyllaError(f"{path}: impossible [grid] {key} value(s) {bad}")
     if "draft" not in grid and "tokens" not in grid:
         raise ScyllaError(f"{path}: the grid needs `tokens` (trained drafts) or `draft` (untrained kinds)")
+
+
+def check_train_arch(train: dict, grid: dict, path: str) -> None:
+    """[train] arch = "eagle3" trains EAGLE-3 drafts (one layer, multi fusion, a draft vocabulary)."""
+    from types import SimpleNamespace
+
+    from scylla.head import check_arch
+
+    if "arch" not in train or "tokens" not in grid:
+        return
+    for layers in grid.get("layers", [1]):
+        probe = SimpleNamespace(arch=train["arch"], layers=layers, fusion=train.get("fusion", "multi"),
+                                draft_vocab=train.get("draft_vocab", 8192))
+        try:
+            check_arch(probe)
+        except ScyllaError as exc:
+            raise ScyllaError(f"{path}: [train] {exc}") from None
 
 
 def is_tree_shape(value) -> bool:
@@ -357,7 +375,8 @@ def ensure_draft(cfg: SweepConfig, point: dict, target) -> tuple[Path, dict | No
     t = cfg.train
     tcfg = TrainConfig(tokens=point["tokens"], layers=point["layers"], fusion=t.get("fusion", "multi"),
                        draft_vocab=t.get("draft_vocab", 8192), ttt_steps=t.get("ttt", 3),
-                       seed=t.get("seed", 0), lr=t.get("lr", 1e-3), kind="scylla-sweep")
+                       seed=t.get("seed", 0), lr=t.get("lr", 1e-3), kind="scylla-sweep",
+                       arch=t.get("arch", "eagle"))
     seqs = load_feature_sequences(ensure_features(target, t.get("corpus", "mix")))
     record = train_head(target, seqs, tcfg, folder, target.name)
     row = {**training_row(record), "target": target.name, "corpus": t.get("corpus", "mix"),

@@ -326,3 +326,19 @@ def test_eagle3_training_steps_lower_the_loss(target):
         loss.backward()
         opt.step()
     assert loss.item() < 0.7 * first.item()
+
+
+@pytest.mark.parametrize("train,layers,needle", [
+    ('arch = "medusa"', "[1]", "unknown draft arch"),
+    ('arch = "eagle3"', "[1, 2]", "one layer"),
+    ('arch = "eagle3"\nfusion = "last"', "[1]", "multi fusion"),
+])
+def test_a_sweep_refuses_impossible_eagle3_trainings_before_any_work(tmp_path, train, layers, needle):
+    from scylla.sweep import load_config
+
+    path = tmp_path / "s.toml"
+    path.write_text(f'[grid]\ntokens = [4096]\nlayers = {layers}\n[train]\n{train}\n')
+    with pytest.raises(ScyllaError, match=needle):
+        load_config(str(path))
+    path.write_text('[grid]\ntokens = [4096]\n[train]\narch = "eagle3"\n')
+    assert load_config(str(path)).train["arch"] == "eagle3"
