@@ -167,8 +167,13 @@ def trained_draft_weights(spec: str | None) -> str | None:
 def draft_folder(cfg: SweepConfig, point: dict) -> Path:
     from scylla.models import cache_root
 
+    return cache_root() / "drafts" / draft_key(cfg, point)
+
+
+def draft_key(cfg: SweepConfig, point: dict) -> str:
+    """The trained draft a point needs: one per [train] settings, tokens and layers."""
     key = json.dumps([cfg.train, point["tokens"], point["layers"]], sort_keys=True)
-    return cache_root() / "drafts" / ("sweep-" + hashlib.sha256(key.encode()).hexdigest()[:12])
+    return "sweep-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def finished_ids(db: str) -> set[str]:
@@ -283,9 +288,12 @@ def run_on_ray(cfg: SweepConfig, todo: list[dict], db: str, config_path: str, ad
         init_db(db)
         gpus = ray.cluster_resources().get("GPU", 0)
         task = ray.remote(point_task)
-        pending = {task.options(**point_resources(p, cpus, gpus), max_retries=RAY_RETRIES)
-                   .remote(cfg, p, config_path): p for p in todo}
-        failed = collect_points(ray, pending, db, cfg.name)
+
+        def submit(point):
+            return task.options(**point_resources(point, cpus, gpus), max_retries=RAY_RETRIES) \
+                .remote(cfg, point, config_path)
+
+        failed = collect_points(ray, submit, draft_queues(cfg, todo), db, cfg.name)
     finally:
         if started:
             ray.shutdown()
@@ -295,15 +303,29 @@ def run_on_ray(cfg: SweepConfig, todo: list[dict], db: str, config_path: str, ad
     return 0
 
 
-def collect_points(ray, pending: dict, db: str, name: str) -> list[str]:
-    """Store each point's rows as it finishes (this process is the store's one writer)."""
+def draft_queues(cfg: SweepConfig, points: list[dict]) -> list[list[dict]]:
+    """Points that train the same draft, in one queue each (run one after another, so that two
+    workers never train one draft folder at once); every other point alone."""
+    queues: dict[str, list[dict]] = {}
+    for i, point in enumerate(points):
+        key = draft_key(cfg, point) if point.get("draft") is None else f"point-{i}"
+        queues.setdefault(key, []).append(point)
+    return list(queues.values())
+
+
+def collect_points(ray, submit, queues: list[list[dict]], db: str, name: str) -> list[str]:
+    """Store each point's rows as it finishes (this process is the store's one writer); then
+    submit the next point of its queue."""
     from scylla.store import insert_training, write_runs_atomic
 
+    pending = {submit(q[0]): (q[0], q[1:]) for q in queues}
     failed = []
-    bar = tqdm(total=len(pending), desc=f"sweep {name} (ray)", unit="point")
+    bar = tqdm(total=sum(map(len, queues)), desc=f"sweep {name} (ray)", unit="point")
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
-        point = pending.pop(ready[0])
+        point, rest = pending.pop(ready[0])
+        if rest:
+            pending[submit(rest[0])] = (rest[0], rest[1:])
         try:
             out = ray.get(ready[0])
         except ray.exceptions.RayError as exc:

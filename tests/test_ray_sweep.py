@@ -160,3 +160,12 @@ def test_bad_executor_and_unreachable_address_are_one_line_and_write_nothing(con
     local = scylla("sweep", config, "--db", str(db), "--address", "127.0.0.1:6379")
     assert local.returncode == 2 and local.stderr.count("\n") == 1 and "--executor ray" in local.stderr
     assert not db.exists()
+
+
+def test_points_that_train_one_draft_queue_behind_each_other(tmp_path):
+    cfg = sweep.load_config(write(tmp_path, '[grid]\ntokens = [4096, 8192]\nk = [2, 4]\nbatch = [1, 2]\n'))
+    queues = sweep.draft_queues(cfg, sweep.grid_points(cfg))
+    assert sorted(len(q) for q in queues) == [4, 4]
+    assert all(len({p["tokens"] for p in q}) == 1 for q in queues)
+    untrained = sweep.load_config(write(tmp_path, '[grid]\ndraft = ["ngram"]\nk = [2, 4]\n', "u.toml"))
+    assert [len(q) for q in sweep.draft_queues(untrained, sweep.grid_points(untrained))] == [1, 1]
