@@ -349,7 +349,8 @@ class LeanHead:
         return both if self.fc is None else self.fc(both)
 
     def run(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor, allowed=None) -> torch.Tensor:
-        """x [n, H] at positions [n], written at the cache's length (which it then includes)."""
+        """x [n, H] (eagle3: [n, 2H]) at positions [n], written at the cache's length (which it then
+        includes). The state: eagle after the final norm, eagle3 before it."""
         if allowed is None and x.shape[0] > 1:
             allowed = torch.ones(x.shape[0], x.shape[0], dtype=torch.bool).tril()
             allowed = torch.cat([torch.ones(x.shape[0], cache.length(), dtype=torch.bool), allowed], -1)[None, None]
