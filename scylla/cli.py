@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompt-weight", type=float, default=0.1, help="loss weight of prompt positions")
     t.add_argument("--align-tokens", type=nonnegative_int, default=0,
                    help="then a second stage on N tokens of the target's own answers (alignment)")
+    t.add_argument("--arch", choices=["eagle", "eagle3"], default="eagle",
+                   help="eagle3: EAGLE-3's first layer (one layer, multi fusion, reduced vocabulary); "
+                        "exports for vLLM and SGLang")
     t.add_argument("--out", help="output folder (default: cache/drafts/NAME)")
     t.add_argument("--db", help="store the training record in this results.duckdb")
 
