@@ -29,7 +29,7 @@ def answer_hits(target, head, prompt: str, max_new_tokens: int) -> dict:
     answer, _ = generate_ids(target, None, list(ids), max_new_tokens=max_new_tokens, k=1)
     item = features_of(target, list(ids) + answer, stored_layers(target.model.config.num_hidden_layers))
     batch = collate([item], feature_columns(head.cfg.fusion, head.cfg.target_hidden))
-    feats = batch["features"][:, :-1].to(head.fc.weight.dtype)
+    feats = batch["features"][:, :-1].to(next(head.parameters()).dtype)
     hidden = head(head.step_inputs(feats, batch["tokens"][:, 1:], fused=False))
     pred = head.to_target_ids(head.logits(hidden).argmax(-1))[0]
     labels = batch["labels"][0, 1:]
