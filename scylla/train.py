@@ -312,7 +312,7 @@ def train_head(target, seqs: list[dict], cfg: TrainConfig, out_dir: Path, target
     state = load_checkpoint(ckpt, accelerator.unwrap_model(head), optimizer) or {"step": 0, "seen": 0}
     cols = feature_columns(cfg.fusion, target.model.config.hidden_size)
     stream = token_stream(train_seqs, cfg.tokens, cfg.max_len, cfg.seed)
-    start, step, seen, loss_val, acc = time.time(), 0, 0, float("nan"), 0.0
+    start, step, seen = time.time(), 0, 0
     bar = tqdm(total=cfg.tokens, desc=f"train {cfg.kind}", unit="tok", initial=state["seen"])
     batch_items = []
     for item in stream:

@@ -308,7 +308,7 @@ def test_export_draft_command(trained, tmp_path):
 
 
 def test_eagle3_training_steps_lower_the_loss(target):
-    from scylla.train import collate, feature_columns, head_loss, last_columns
+    from scylla.train import collate, feature_columns, last_columns
 
     seqs = feature_seqs(target)
     cfg = tiny_cfg(arch="eagle3")
