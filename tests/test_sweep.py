@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from scylla import ScyllaError
 from scylla.models import bundled_cache_dir
 from scylla.store import init_db, runs_frame
 from scylla.sweep import grid_points, load_config, point_id
-from tests.conftest import tiny_llama, wait_for
+from tests.conftest import tiny_llama
 
 
 def write(tmp_path, text, name="s.toml"):
@@ -57,6 +58,24 @@ def tiny_target_dir(tmp_path_factory):
     return folder
 
 
+# The sweep SIGKILLs itself right after its second point is stored: a kill mid-sweep at a known place,
+# whatever the machine's speed (a timed kill raced a sweep that finished first).
+KILLED_AFTER_TWO_POINTS = """
+import os, signal, sys
+import scylla.store as store
+write = store.write_runs_atomic
+stored = []
+def write_then_die(*args, **kwargs):
+    write(*args, **kwargs)
+    stored.append(1)
+    if len(stored) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+store.write_runs_atomic = write_then_die
+from scylla.cli import main
+sys.exit(main(["sweep", sys.argv[1], "--db", sys.argv[2]]))
+"""
+
+
 def test_sweep_resumes_after_a_kill_without_loss_or_duplicates(tmp_path, tiny_target_dir):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say {w} twice.", "category": c}) + "\n"
@@ -67,12 +86,11 @@ def test_sweep_resumes_after_a_kill_without_loss_or_duplicates(tmp_path, tiny_ta
     init_db(db)
     cmd = [sys.executable, "-m", "scylla.cli", "sweep", config, "--db", db]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    wait_for(lambda: proc.poll() is not None or len(runs_frame(db)) > 0, timeout_s=240, every_s=0.5)
-    proc.kill()
-    proc.wait()
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_TWO_POINTS, config, db], env=env,
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-500:]
     first = runs_frame(db)
-    assert 0 < first["id"].str.endswith("-all").sum() < 6  # killed mid-sweep, some points done
+    assert first["id"].str.endswith("-all").sum() == 2  # killed mid-sweep, two points done
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-500:]
     runs = runs_frame(db)
