@@ -142,32 +142,63 @@ def restore_snapshot(src: Path | None = None) -> bool:
 
 def build_prompt_set(target, n: int, seed: int = 0, shares: dict = SHARES, progress=None,
                      magpie_batch: int = 32, magpie_tokens: int = 96) -> list[dict]:
-    """The training prompts (cached): each source's share, deduplicated, none near an
-    evaluation prompt; the record of provenance goes beside them."""
-    from scylla import sources
-
+    """The training prompts (cached), about `n` of them: the first build draws each
+    source's share with `seed`; asking for more than before appends a tranche drawn with the
+    next seed, deduplicated against everything kept and the evaluation prompts. The record of
+    provenance goes beside them."""
     restore_snapshot()
     path = answers_dir() / "prompts.jsonl"
-    if path.is_file():
-        return [json.loads(line) for line in path.read_text().splitlines()]
+    have = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    provenance = read_provenance()
+    if have and n <= provenance.get("requested", len(have)):   # asked before: dedup may leave fewer
+        return have
+    tranche_seed = seed + max(1, len(provenance.get("tranches", []))) if have else seed
+    added, drawn = draw_tranche(target, n - len(have), tranche_seed, have, shares, progress,
+                                magpie_batch, magpie_tokens)
+    prompts = have + added
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    tranche = {"seed": tranche_seed, "added": len(added),
+               "sources": {name: {"generated": drawn[name], "kept": sum(p["source"].startswith(name) for p in added)}
+                           for name in drawn}}
+    write_provenance(provenance, tranche, len(prompts), n)
+    return prompts
+
+
+def draw_tranche(target, n: int, seed: int, have: list[dict], shares: dict, progress,
+                 magpie_batch: int, magpie_tokens: int) -> tuple[list[dict], dict]:
+    """About `n` new prompts in the sources' shares, none near a kept or an evaluation prompt."""
+    from scylla import sources
+
     want = {name: int(n * share * 1.15) + 8 for name, share in shares.items()}   # dedup drops some
     raw = {"template": sources.template_prompts(want["template"], seed),
            "longtext": sources.longtext_prompts(want["longtext"], seed),
            "magpie": sources.magpie_prompts(target, want["magpie"], seed, batch=magpie_batch,
                                             max_new_tokens=magpie_tokens, progress=progress)}
-    banned = sources.eval_shingles()
-    kept = {name: sources.dedup(rows, banned)[:int(n * shares[name]) + 1] for name, rows in raw.items()}
-    prompts = sources.dedup([p for rows in kept.values() for p in rows], banned)
-    random.Random(seed).shuffle(prompts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
-    provenance = {name: {"generated": len(raw[name]), "kept": sum(p["source"].startswith(name) for p in prompts)}
-                  for name in raw}
-    (path.parent / "provenance.json").write_text(json.dumps(
-        {"prompts": len(prompts), "seed": seed, "sources": provenance, "dedup": "word 8-gram shingles "
-         "(scylla/sources.py); evaluation prompts banned", "long_text": "Debian package descriptions, "
-         "/usr/share/doc, Python docstrings and sources on this machine"}, indent=1))
-    return prompts
+    banned = sources.eval_shingles() + [sources.shingles(p["prompt"]) for p in have]
+    known = {p["question_id"] for p in have}
+    kept = {name: [p for p in sources.dedup(rows, banned) if p["question_id"] not in known][:int(n * shares[name]) + 1]
+            for name, rows in raw.items()}
+    added = sources.dedup([p for rows in kept.values() for p in rows], banned)
+    random.Random(seed).shuffle(added)
+    return added, {name: len(rows) for name, rows in raw.items()}
+
+
+def read_provenance() -> dict:
+    path = answers_dir() / "provenance.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_provenance(provenance: dict, tranche: dict, total: int, requested: int) -> None:
+    """One entry per tranche (a first build written before tranches were recorded becomes
+    the first entry)."""
+    tranches = provenance.get("tranches") or ([{"seed": provenance["seed"], "added": provenance["prompts"],
+                                                "sources": provenance["sources"]}] if provenance else [])
+    record = {"prompts": total, "requested": requested, "tranches": tranches + [tranche],
+              "dedup": "word 8-gram shingles, 50% of the smaller set (scylla/sources.py); near-duplicates "
+                       "of kept or evaluation prompts dropped",
+              "long_text": "Debian package descriptions, /usr/share/doc, Python docstrings and sources on this machine"}
+    (answers_dir() / "provenance.json").write_text(json.dumps(record, indent=1))
 
 
 def drop_cut_line(path: Path) -> None:

@@ -96,17 +96,35 @@ def answer_sequences() -> tuple[list[list[int]], list[int]]:
 def ensure_features(target, corpus: str) -> Path:
     layers = stored_layers(target.model.config.num_hidden_layers)
     folder = cache_root() / "features" / f"{corpus}-{corpus_key(corpus, target.name, layers)}"
-    if (folder / "DONE").is_file():
-        return folder
     prompt_lens = None
     if corpus == ANSWERS_CORPUS:
         seqs, prompt_lens = answer_sequences()
+    elif (folder / "DONE").is_file():
+        return folder
     else:
         seqs = mixed_sequences(corpus)
+    if not reopen_for_growth(folder, len(seqs)):
+        return folder
     total = sum(map(len, seqs))
     with tqdm(total=total, desc="target features", unit="tok") as bar:
         extract_features(target, seqs, layers, folder, progress=bar.update, prompt_lens=prompt_lens)
     return folder
+
+
+def reopen_for_growth(folder: Path, n_seqs: int) -> bool:
+    """True when features must be (re)extracted. A corpus that grew since its features were
+    cached (answers are only ever appended) reopens the cache: its last shard, cut short at the
+    old end, goes; every earlier shard is kept, since shard boundaries depend only on what
+    precedes them."""
+    done = folder / "DONE"
+    if not done.is_file():
+        return True
+    record = json.loads(done.read_text())
+    if record["sequences"] >= n_seqs:
+        return False
+    done.unlink()
+    (folder / f"shard-{record['shards'] - 1:04d}.safetensors").unlink(missing_ok=True)
+    return True
 
 
 def align_stage(target, record: dict, cfg: TrainConfig, out: Path, tokens: int) -> dict:

@@ -172,8 +172,19 @@ def draft_vocab_map(seqs: list[dict], size: int, target_vocab: int) -> torch.Ten
 
 # ---------------------------------------------------------------- loss
 
+def loss_positions_drawn(tgt: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The positions whose logits are computed: every answer position, and each prompt
+    position with probability equal to its weight. The draft's layer still runs over every
+    position (its attention needs them); the head and softmax over the draft vocabulary, more
+    than half a position's cost, run on about a fifth of a long-prompt sequence. Unbiased
+    for the weighted loss: a drawn prompt position then counts fully."""
+    drawn = torch.rand(weights.shape) < weights
+    return (tgt != -100) & ((weights >= 1.0) | drawn)
+
+
 def head_loss(head: FeatureHead, batch: dict, t2d: torch.Tensor | None, cfg: TrainConfig):
-    """Weighted CE over TTT passes (+ feature regression for last-layer fusion); top-1 of pass 0."""
+    """CE over TTT passes on the drawn positions (+ feature regression for last-layer fusion);
+    top-1 of pass 0 on answer positions."""
     dtype = head.dtype
     feats, toks, labels, mask = batch["features"].to(dtype), batch["tokens"], batch["labels"], batch["mask"]
     inp_feat = feats[:, :-1]
@@ -184,18 +195,17 @@ def head_loss(head: FeatureHead, batch: dict, t2d: torch.Tensor | None, cfg: Tra
     weights = batch["weights"][:, :-1] * (attn == 1)  # weight of predicting the token at t + 2
     if t2d is not None:
         tgt = torch.where(tgt >= 0, t2d[tgt.clamp_min(0)], tgt)
+    drawn = loss_positions_drawn(tgt, weights)
+    answer = (weights[drawn] >= 1.0) & (tgt[drawn] != -100)
     g = head.fuse(inp_feat)
     total, top1 = 0.0, None
     for step in range(cfg.ttt_steps):
         h = head(head.step_inputs(g, inp_tok, fused=True), attention_mask=attn)
-        logits = head.logits(h)
-        per_pos = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100, reduction="none")
-        w = weights.flatten() * (tgt.flatten() != -100)
-        ce = (per_pos * w).sum() / w.sum().clamp_min(1e-6)
+        logits = head.logits(h[drawn])
+        ce = F.cross_entropy(logits, tgt[drawn], ignore_index=-100) if drawn.any() else h.sum() * 0.0
         total = total + (0.8 ** step) * ce
         if step == 0:
-            valid = (tgt != -100) & (weights >= 1.0)   # top-1 on answer positions
-            top1 = ((logits.argmax(-1) == tgt) & valid).sum().item() / max(valid.sum().item(), 1)
+            top1 = ((logits.argmax(-1) == tgt[drawn]) & answer).sum().item() / max(answer.sum().item(), 1)
             if cfg.fusion == "last" and cfg.reg_weight > 0:
                 true_next = batch["last"][:, 1:].to(dtype)
                 reg = F.smooth_l1_loss(h[attn == 1], true_next[attn == 1])

@@ -54,9 +54,21 @@ def test_prompt_set_records_provenance_and_never_meets_the_evaluation_prompts(ch
     assert sources.dedup(prompts, banned) == prompts             # nothing near an evaluation prompt
     assert not any("test-leak" in p["source"] for p in prompts)  # the leaked passage was dropped
     record = json.loads((corpus.answers_dir() / "provenance.json").read_text())
-    assert set(record["sources"]) == {"magpie", "template", "longtext"}
+    assert set(record["tranches"][0]["sources"]) == {"magpie", "template", "longtext"}
     assert record["prompts"] == len(prompts) and "8-gram" in record["dedup"]
     assert {p["source"].split(":")[0] for p in prompts} >= {"template", "longtext"}
+
+
+def test_asking_for_more_prompts_appends_a_tranche_and_asking_again_adds_none(chat_target, small_long_texts):
+    first = corpus.build_prompt_set(chat_target, 12, seed=0, **CHEAP_MAGPIE)
+    assert corpus.build_prompt_set(chat_target, 12, seed=0, **CHEAP_MAGPIE) == first
+    grown = corpus.build_prompt_set(chat_target, 30, seed=0, **CHEAP_MAGPIE)
+    assert grown[:len(first)] == first and len(grown) > len(first)   # kept prompts keep their order
+    assert len({p["question_id"] for p in grown}) == len(grown)
+    assert sources.dedup(grown, sources.eval_shingles()) == grown      # the new tranche meets nothing kept
+    record = json.loads((corpus.answers_dir() / "provenance.json").read_text())
+    assert [t["seed"] for t in record["tranches"]] == [0, 1] and record["prompts"] == len(grown)
+    assert corpus.build_prompt_set(chat_target, 30, seed=0, **CHEAP_MAGPIE) == grown
 
 
 def test_answers_build_resumes_after_a_kill(chat_target, small_long_texts):
@@ -82,3 +94,17 @@ def test_a_snapshot_in_the_repository_seeds_a_fresh_machine(chat_target, small_l
     assert corpus.restore_snapshot(snapshot)
     assert corpus.read_answers() == before
     assert not corpus.restore_snapshot(snapshot)   # never over a build in progress
+
+
+def test_a_grown_corpus_reopens_its_feature_cache_keeping_all_but_the_cut_tail(tmp_path):
+    from scylla.pipeline import reopen_for_growth
+
+    assert reopen_for_growth(tmp_path, 5)   # nothing cached yet
+    for i in range(3):
+        (tmp_path / f"shard-{i:04d}.safetensors").write_bytes(b"x")
+    (tmp_path / "DONE").write_text(json.dumps({"sequences": 40, "shards": 3}))
+    assert not reopen_for_growth(tmp_path, 40)   # unchanged corpus: the cache stands
+    assert (tmp_path / "DONE").is_file()
+    assert reopen_for_growth(tmp_path, 52)
+    assert not (tmp_path / "DONE").exists()
+    assert sorted(p.name for p in tmp_path.glob("shard-*")) == ["shard-0000.safetensors", "shard-0001.safetensors"]

@@ -241,3 +241,16 @@ def test_training_record_names_no_machine_path(tmp_path):
     saved = (tmp_path / "mydraft" / "training.json").read_text()
     assert str(tmp_path) not in saved and record["name"] == "mydraft"
     assert training_row(record)["path"] == "mydraft"
+
+
+def test_logits_run_on_every_answer_position_and_a_weighted_share_of_the_prompt():
+    from scylla.train import loss_positions_drawn
+
+    torch.manual_seed(0)
+    weights = torch.cat([torch.full((1, 4000), 0.1), torch.ones(1, 500), torch.zeros(1, 100)], dim=1)
+    tgt = torch.ones(1, 4600, dtype=torch.long)
+    tgt[0, 4400:4450] = -100   # out of the draft vocabulary: never a loss position
+    drawn = loss_positions_drawn(tgt, weights)
+    assert drawn[0, 4000:4400].all() and drawn[0, 4450:4500].all()
+    assert not drawn[0, 4400:4450].any() and not drawn[0, 4500:].any()
+    assert 320 < int(drawn[0, :4000].sum()) < 480   # about 10% of the prompt
