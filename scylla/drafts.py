@@ -6,6 +6,7 @@ draft probabilities q (None for a deterministic proposal: one-hot q), or a tree.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -17,7 +18,8 @@ from scylla.proposals import Draft, DraftTree, logits_to_probs, sample
 
 NAMED_DRAFTS = ("scylla", "eagle3-style", "eagle2-style")
 DRAFT_CHOICES = ("none", "ngram", "layerskip:8", *NAMED_DRAFTS)
-__all__ = ["Draft", "NgramDraft", "LayerSkipDraft", "make_draft", "check_draft_spec"]
+COPY_SUFFIX = "+ngram"
+__all__ = ["Draft", "NgramDraft", "LayerSkipDraft", "CopyOrDraft", "make_draft", "check_draft_spec"]
 
 
 class NgramDraft(Draft):
@@ -45,6 +47,46 @@ class NgramDraft(Draft):
             if found:
                 return trie_of(found, shape.total)
         return DraftTree([], [])
+
+
+class CopyOrDraft(Draft):
+    """Another draft that hands over to prompt lookup where the answer copies: when the
+    context's tail matches an earlier passage over at least `min_run` tokens (a summary
+    quoting its article, an answer lifted from a passage, code repeating a name), the copy
+    is proposed; elsewhere the other draft drafts. The other draft still observes every
+    step, so it picks up where the copy ends."""
+
+    def __init__(self, other: Draft, min_run: int = 4, ngram: int = 3):
+        self.other, self.min_run, self.ngram = other, min_run, ngram
+        self.name = f"{other.name}{COPY_SUFFIX}"
+        self.feature_layers = other.feature_layers
+
+    def reset(self):
+        self.other.reset()
+
+    def fork(self) -> "CopyOrDraft":
+        twin = copy.copy(self)
+        twin.other = self.other.fork()
+        return twin
+
+    def observe(self, tokens, features):
+        self.other.observe(tokens, features)
+
+    def copied(self, context: list[int], k: int) -> list[int]:
+        found, run = find_continuation(context, self.ngram, k)
+        return found[:run - 1] if run >= self.min_run else []
+
+    def propose(self, context, k, temperature, top_p, generator):
+        copy_ = self.copied(context, k)
+        return (copy_, None) if copy_ else self.other.propose(context, k, temperature, top_p, generator)
+
+    def propose_chain(self, context, k, temperature, top_p, generator) -> DraftTree:
+        copy_ = self.copied(context, k)
+        return DraftTree.chain(copy_) if copy_ else self.other.propose_chain(context, k, temperature, top_p, generator)
+
+    def propose_tree(self, context, shape, temperature, top_p, generator) -> DraftTree:
+        copy_ = self.copied(context, shape.depth)
+        return DraftTree.chain(copy_) if copy_ else self.other.propose_tree(context, shape, temperature, top_p, generator)
 
 
 def find_continuations(context: list[int], n: int, k: int, limit: int) -> list[list[int]]:
@@ -146,34 +188,39 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+def unknown_draft(spec: str) -> ScyllaError:
+    return ScyllaError(f"unknown --draft {spec!r}; use none, ngram, layerskip:K, {', '.join(NAMED_DRAFTS)} "
+                       f"or a folder with a saved draft or an EAGLE-3 checkpoint; any but none and ngram "
+                       f"take {COPY_SUFFIX} to copy where the context repeats")
+
+
 def check_draft_spec(spec: str) -> None:
     """Refuse a malformed spec before any model is loaded."""
     spec = (spec or "none").strip()
+    if spec.endswith(COPY_SUFFIX) and spec[:-len(COPY_SUFFIX)] not in ("", "none", "ngram"):
+        return check_draft_spec(spec[:-len(COPY_SUFFIX)])
     if spec in ("none", "ngram", *NAMED_DRAFTS) or Path(spec).is_dir():
         return
     kind, _, num = spec.partition(":")
     if kind == "layerskip" and num.isdigit():
         return
-    raise ScyllaError(f"unknown --draft {spec!r}; use none, ngram, layerskip:K, "
-                      f"{', '.join(NAMED_DRAFTS)} or a folder with a saved draft or an EAGLE-3 checkpoint")
+    raise unknown_draft(spec)
 
 
 def make_draft(spec: str, target) -> Draft | None:
     """Resolve a --draft spec: none, ngram, layerskip:K, a named trained draft, or a folder
-    (a saved draft, or an EAGLE-3 checkpoint in the vLLM/SGLang layout: scylla.head.load_head)."""
+    (a saved draft, or an EAGLE-3 checkpoint in the vLLM/SGLang layout: scylla.head.load_head);
+    SPEC+ngram wraps it in CopyOrDraft."""
     spec = (spec or "none").strip()
+    check_draft_spec(spec)
+    if spec.endswith(COPY_SUFFIX):
+        return CopyOrDraft(make_draft(spec[:-len(COPY_SUFFIX)], target))
     if spec == "none":
         return None
     if spec == "ngram":
         return NgramDraft()
     if spec.startswith("layerskip"):
-        _, _, num = spec.partition(":")
-        if not num.isdigit():
-            raise ScyllaError(f"bad draft spec {spec!r}; use layerskip:K with an integer K")
-        return LayerSkipDraft(target, int(num))
+        return LayerSkipDraft(target, int(spec.partition(":")[2]))
     if spec in NAMED_DRAFTS:
         return load_head_draft(named_draft_dir(spec), target, name=spec)
-    if Path(spec).is_dir():
-        return load_head_draft(Path(spec), target, name=Path(spec).name)
-    raise ScyllaError(f"unknown --draft {spec!r}; use none, ngram, layerskip:K, "
-                      f"{', '.join(NAMED_DRAFTS)} or a folder with a saved draft or an EAGLE-3 checkpoint")
+    return load_head_draft(Path(spec), target, name=Path(spec).name)

@@ -254,3 +254,29 @@ def test_logits_run_on_every_answer_position_and_a_weighted_share_of_the_prompt(
     assert drawn[0, 4000:4400].all() and drawn[0, 4450:4500].all()
     assert not drawn[0, 4400:4450].any() and not drawn[0, 4500:].any()
     assert 320 < int(drawn[0, :4000].sum()) < 480   # about 10% of the prompt
+
+
+def test_head_with_copy_fallback_stays_greedy_exact_and_copies_only_long_matches(tmp_path):
+    from scylla.decoding import batch_generate_ids
+    from scylla.drafts import CopyOrDraft, check_draft_spec
+
+    target = tiny_target()
+    draft = CopyOrDraft(head_draft(target, tmp_path))
+    assert draft.name == "tiny+ngram" and draft.feature_layers == draft.other.feature_layers
+    assert draft.copied([1, 2, 3, 4, 5, 6, 9, 1, 2, 3, 4], 4) == [5, 6, 9]   # a 4-token run: copy
+    assert draft.copied([7, 2, 3, 4, 5, 6, 9, 1, 2, 3, 4], 4) == []          # a 3-gram by chance: the head
+    rng = random.Random(3)
+    for trial in range(3):
+        phrase = [rng.randrange(3, 96) for _ in range(12)]
+        prompt = phrase + [rng.randrange(3, 96) for _ in range(5)] + phrase[:6]   # the answer may copy
+        want = plain_greedy(target, prompt, 20)
+        got, _ = generate_ids(target, draft, prompt, max_new_tokens=20, k=4)
+        assert got == want
+        tree_got, _ = generate_ids(target, draft, prompt, max_new_tokens=20, tree="tree:3,2,6")
+        assert tree_got == want
+    rows, _ = batch_generate_ids(target, draft, [prompt, prompt[:9]], max_new_tokens=12, k=3)
+    assert rows == [plain_greedy(target, prompt, 12), plain_greedy(target, prompt[:9], 12)]
+    check_draft_spec("scylla+ngram")
+    for bad in ("ngram+ngram", "none+ngram", "+ngram", "bogus+ngram"):
+        with pytest.raises(ScyllaError, match="unknown --draft"):
+            check_draft_spec(bad)
