@@ -56,7 +56,7 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="lean", choices=["lean", "hf"],
                    help="lean: the engine's own fused forward (default); hf: the transformers forward (reference)")
-    p.add_argument("--draft", default="ngram", help="none | ngram | layerskip:K | scylla | eagle3-style | eagle2-style | FOLDER")
+    p.add_argument("--draft", default="ngram", help="none | ngram | layerskip:K | scylla | eagle3-style | eagle2-style | FOLDER; SPEC+ngram: SPEC, copying where the context repeats")
     p.add_argument("--k", type=draft_length, default=6,
                    help="draft length (chain), or 'auto': chosen per step from measured cost and acceptance")
     p.add_argument("--tree", default=None, metavar="D,K,N",

@@ -229,7 +229,9 @@ def build_answers(target, n_prompts: int, max_new_tokens: int = 256, batch: int 
     from scylla.models import encode_prompt
 
     restore_snapshot()
-    prompts = build_prompt_set(target, n_prompts, seed)
+    with tqdm(desc="magpie requests", unit="prompt") as magpie_bar:   # idle unless prompts are drawn
+        prompts = build_prompt_set(target, n_prompts, seed,
+                                   progress=lambda n: magpie_bar.update(n - magpie_bar.n))
     out = answers_dir() / "answers.jsonl"
     drop_cut_line(out)
     todo = [p for p in prompts if p["question_id"] not in done_ids(out)]

@@ -112,7 +112,7 @@ def test_default_arch_drafts_load_and_decode_as_before(target, tmp_path):
     (tmp_path / "old" / "config.json").write_text(json.dumps(raw))
     loaded = load_head(tmp_path / "old", target.model)
     assert loaded.cfg.arch == "eagle" and loaded.fc is not None
-    shipped = json.loads((ROOT / "assets" / "drafts" / "scylla" / "config.json").read_text())
+    shipped = json.loads((ROOT / "assets" / "drafts" / "eagle2-style" / "config.json").read_text())
     assert "arch" not in shipped or shipped["arch"] == "eagle"
 
 
@@ -282,6 +282,22 @@ def test_malformed_eagle3_folders_are_refused_with_one_line(target, exported, tm
             make_draft(str(folder), target)
         assert "\n" not in str(err.value), name
         assert str(folder) in str(err.value) or "EAGLE-3" in str(err.value), (name, str(err.value))
+
+
+def test_the_shipped_scylla_exported_decodes_exactly_as_shipped(real_target, tmp_path):
+    """The shipped draft (EAGLE-3 architecture) through the vLLM/SGLang layout and back:
+    the same tokens and the same accepted length at every step, on the real target."""
+    from scylla.head import named_draft_dir
+    from scylla.models import encode_prompt
+
+    exported = export_eagle3(named_draft_dir("scylla"), tmp_path / "served")
+    prompt = encode_prompt(real_target, "Write a short note inviting the team to a Friday lunch.")
+    runs = [generate_ids(real_target, make_draft(spec, real_target), prompt, max_new_tokens=32, k=4)
+            for spec in ("scylla", str(exported))]
+    (ids_a, steps_a), (ids_b, steps_b) = runs
+    assert ids_a == ids_b
+    assert [len(s.emitted) for s in steps_a] == [len(s.emitted) for s in steps_b]
+    assert sum(len(s.emitted) for s in steps_a[1:]) > len(steps_a) - 1   # some drafts were accepted
 
 
 # ---------------------------------------------------------------- the command line
