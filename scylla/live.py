@@ -28,7 +28,7 @@ from scylla.trace import Step, per_position_accept
 
 GENERATION_LOCK = threading.Lock()
 MAX_PROMPT_CHARS = 4000
-LIVE_DRAFTS = ("scylla", "eagle3-style", "eagle2-style", "ngram", "layerskip")
+LIVE_DRAFTS = ("scylla", "scylla+ngram", "eagle3-style", "eagle2-style", "ngram", "layerskip")
 QUANTS = ("none", "int8", "nf4")
 
 _LOADED: dict = {"targets": {}, "drafts": []}
