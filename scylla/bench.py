@@ -97,7 +97,7 @@ def bench_report(rows, target, draft_spec, temperature, top_p, batch_size, k, ma
                     "backend": target.forward.backend, "kernels": target.kernels,
                     "draft": draft_spec, "device": device_name(target), "batch_size": batch_size,
                     "temperature": temperature, "top_p": top_p, "k": k, "shape": f"chain:{k}",
-                    "k_mean": mean_draft_length(rows),
+                    "k_mean": mean_draft_length(rows), "drafted_mean": mean_drafted(rows),
                     "max_new_tokens": max_new_tokens})
     if temperature > 0:
         summary["exact_match_rate"] = None
@@ -155,6 +155,12 @@ def aggregate(rows: list[dict]) -> dict:
             "overhead_share": round(overhead_ms / (spec_s * 1e3), 4),
             "generated_tokens": spec_tokens, "baseline_generated_tokens": base_tokens,
             "wall_s": round(spec_s + base_s, 2)}
+
+
+def mean_drafted(rows: list[dict]) -> float | None:
+    """Tokens actually drafted per step (a draft that stops on its own drafts fewer than k)."""
+    counts = [len(s.drafted) for r in rows for s in r["steps"] if s.index > 0]
+    return round(sum(counts) / len(counts), 3) if counts else None
 
 
 def mean_draft_length(rows: list[dict]) -> float | None:

@@ -346,9 +346,6 @@ def batch_generate(target, draft, prompts: list[list[int]], max_new_tokens: int 
     eos_ids = target.eos_ids
     drafts = [draft] if len(prompts) == 1 or draft is None else [draft.fork() for _ in prompts]
     rows = [Row(i, p, max_new_tokens, drafts[min(i, len(drafts) - 1)]) for i, p in enumerate(prompts)]
-    for d in drafts:
-        if d is not None:
-            d.set_stop(0.0)   # a draft reused from a `--k auto` run drafts its full k again
     layers = draft.feature_layers if draft is not None else ()
     capacity = max(len(p) for p in prompts) + max_new_tokens + CACHE_MARGIN
     cache, last_logits, row_feats, ms = prefill_rows(target, rows, layers, capacity, shared_prefill)
@@ -356,25 +353,12 @@ def batch_generate(target, draft, prompts: list[list[int]], max_new_tokens: int 
     budget = DraftBudget(target, len(rows), kmax) if k == "auto" and draft is not None and tree is None else None
     live, index = keep_live(cache, rows), 1
     while live:
-        step_k = draft_length(budget, live, k, kmax, confident=draft is not None and draft.knows_confidence)
+        step_k = budget.choose(len(live)) if budget else (1 if k == "auto" else k)
         steps = step(target, cache, live, step_k, tree, temperature, top_p, generator, eos_ids, index)
         if budget:
             budget.record(steps)
         live, index = keep_live(cache, live), index + 1
         yield steps
-
-
-def draft_length(budget: "DraftBudget | None", live: list[Row], k, kmax: int, confident: bool) -> int:
-    """This step's draft length. With `--k auto`, a draft that knows its confidence drafts up
-    to kmax and stops itself where the next token costs more than it is expected to return;
-    any other draft gets the length the run's acceptance so far pays for."""
-    if budget is None:
-        return 1 if k == "auto" else k
-    if not confident:
-        return budget.choose(len(live))
-    for row in live:
-        row.draft.set_stop(budget.stop_threshold(len(live)))
-    return kmax
 
 
 def keep_live(cache: KVCache, rows: list[Row]) -> list[Row]:
@@ -439,14 +423,6 @@ class DraftBudget:
         if k == 0 and self.steps % 16 == 0:
             k = 1  # keep probing, or a bad start would switch drafting off for good
         return k
-
-    def stop_threshold(self, live_rows: int) -> float:
-        """The confidence (the draft's estimate that all its tokens so far are accepted) below
-        which one more drafted token costs more than it returns: its share of a one-token
-        step's cost, from the measured verify cost per extra token and the draft's ms per token."""
-        widen = (self.costs[-1] - self.costs[0]) / max(1, len(self.costs) - 1)
-        ms_per_token = self.draft_ms / self.drafted if self.drafted else 0.0
-        return (widen + ms_per_token * live_rows) / self.costs[0]
 
     def record(self, steps: list[Step]) -> None:
         for s in steps:

@@ -69,13 +69,6 @@ class CopyOrDraft(Draft):
         twin.other = self.other.fork()
         return twin
 
-    @property
-    def knows_confidence(self) -> bool:
-        return self.other.knows_confidence
-
-    def set_stop(self, threshold: float) -> None:
-        self.other.set_stop(threshold)
-
     def observe(self, tokens, features):
         self.other.observe(tokens, features)
 

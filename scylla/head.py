@@ -378,8 +378,6 @@ class DraftPositionWarning(UserWarning):
 
 
 class HeadDraft(Draft):
-    knows_confidence = True
-
     def __init__(self, head: FeatureHead, name: str):
         self.head, self.name = head, name
         self.lean = LeanHead(head)
@@ -421,13 +419,13 @@ class HeadDraft(Draft):
     @torch.inference_mode()
     def propose(self, context, k, temperature, top_p, generator):
         drafted, rows, _ = self.draft_chain(context, k, temperature, top_p, generator)
-        q = self.lean.full_vocab_probs(torch.stack(rows)) if temperature > 0 and rows else None
+        q = self.lean.full_vocab_probs(torch.stack(rows)) if temperature > 0 else None
         return drafted, q
 
     @torch.inference_mode()
     def propose_chain(self, context, k, temperature, top_p, generator) -> DraftTree:
         drafted, rows, confidence = self.draft_chain(context, k, temperature, top_p, generator)
-        q = self.lean.full_vocab_probs(torch.stack(rows)) if temperature > 0 and rows else None
+        q = self.lean.full_vocab_probs(torch.stack(rows)) if temperature > 0 else None
         return DraftTree.chain(drafted, q, confidence)
 
     def draft_chain(self, context, k, temperature, top_p, generator):
@@ -435,22 +433,16 @@ class HeadDraft(Draft):
         lean = self.lean
         hidden = self.catch_up(context)
         drafted, rows, confidence = [], [], []
-        reach = 1.0   # the draft's own estimate that every token so far is accepted
         for j in range(k):
             logits = lean.logits(hidden)
-            own = torch.softmax(logits, -1)
-            # stop where a token would cost more to verify than it is expected to return; decided
-            # from the distribution before drawing from it, so sampling stays lossless
-            reach *= float(own.max())
-            if reach < self.stop_below:
-                break
             probs = logits_to_probs(logits[None], temperature, top_p)[0]
             pick = int(logits.argmax()) if temperature <= 0 else sample(probs, generator)
-            drafted.append(int(lean.to_target_ids(torch.tensor(pick))))
+            tok = int(lean.to_target_ids(torch.tensor(pick)))
+            drafted.append(tok)
             rows.append(probs)
-            confidence.append(float(own[pick]))
+            confidence.append(float(torch.softmax(logits, -1)[pick]))
             if j + 1 < k:
-                x = lean.step_inputs(hidden[None], torch.tensor([drafted[-1]]), fused=True)
+                x = lean.step_inputs(hidden[None], torch.tensor([tok]), fused=True)
                 hidden = lean.run(x, self.cache, torch.tensor([self.cache.length()]))[-1]
         return drafted, rows, confidence
 

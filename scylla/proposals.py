@@ -128,11 +128,6 @@ class Draft:
 
     name = "draft"
     feature_layers: tuple[int, ...] = ()
-    knows_confidence = False   # drafts with their own probabilities can stop where they doubt
-    stop_below = 0.0           # ... once the product of their confidences falls below this
-
-    def set_stop(self, threshold: float) -> None:
-        self.stop_below = threshold
 
     @property
     def needs_hidden(self) -> bool:

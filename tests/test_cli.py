@@ -109,6 +109,7 @@ def test_batched_bench_and_tree_bench_on_the_real_target(tmp_path):
     report = json.loads(out.read_text())
     assert BENCH_KEYS <= set(report) and report["batch_size"] == 2 and report["n_prompts"] == 3
     assert report["exact_match_rate"] == 1.0 and report["k"] == "auto" and report["k_mean"] is not None
+    assert 0 <= report["drafted_mean"] <= report["k_mean"]
     for batch in ("1", "2"):
         assert main(["bench", "--prompts", str(prompts), "--max-new-tokens", "10", "--draft", "scylla",
                      "--tree", "3,3,8", "--batch-size", batch, "--json", str(out)]) == 0
