@@ -97,7 +97,8 @@ def bench_report(rows, target, draft_spec, temperature, top_p, batch_size, k, ma
                     "backend": target.forward.backend, "kernels": target.kernels,
                     "draft": draft_spec, "device": device_name(target), "batch_size": batch_size,
                     "temperature": temperature, "top_p": top_p, "k": k, "shape": f"chain:{k}",
-                    "k_mean": mean_draft_length(rows), "drafted_mean": mean_drafted(rows),
+                    "k_mean": per_step_mean(rows, lambda s: s.k),
+                    "drafted_mean": per_step_mean(rows, lambda s: len(s.drafted)),
                     "max_new_tokens": max_new_tokens})
     if temperature > 0:
         summary["exact_match_rate"] = None
@@ -157,16 +158,11 @@ def aggregate(rows: list[dict]) -> dict:
             "wall_s": round(spec_s + base_s, 2)}
 
 
-def mean_drafted(rows: list[dict]) -> float | None:
-    """Tokens actually drafted per step (a draft that stops on its own drafts fewer than k)."""
-    counts = [len(s.drafted) for r in rows for s in r["steps"] if s.index > 0]
-    return round(sum(counts) / len(counts), 3) if counts else None
-
-
-def mean_draft_length(rows: list[dict]) -> float | None:
-    """The draft length the engine allowed per step (k, or what k=auto chose), on average."""
-    ks = [s.k for r in rows for s in r["steps"] if s.index > 0]
-    return round(sum(ks) / len(ks), 3) if ks else None
+def per_step_mean(rows: list[dict], measure) -> float | None:
+    """A per-step figure averaged over the speculative steps: the draft length the engine
+    allowed (`s.k`: k, or what k=auto chose), or what was drafted (a draft may propose fewer)."""
+    values = [measure(s) for r in rows for s in r["steps"] if s.index > 0]
+    return round(sum(values) / len(values), 3) if values else None
 
 
 # ---------------------------------------------------------------- batches

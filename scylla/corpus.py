@@ -152,7 +152,7 @@ def build_prompt_set(target, n: int, seed: int = 0, shares: dict = SHARES, progr
     provenance = read_provenance()
     if have and n <= provenance.get("requested", len(have)):   # asked before: dedup may leave fewer
         return have
-    tranche_seed = seed + max(1, len(provenance.get("tranches", []))) if have else seed
+    tranche_seed = seed + len(provenance.get("tranches", []))
     added, drawn = draw_tranche(target, n - len(have), tranche_seed, have, shares, progress,
                                 magpie_batch, magpie_tokens)
     prompts = have + added
@@ -190,11 +190,7 @@ def read_provenance() -> dict:
 
 
 def write_provenance(provenance: dict, tranche: dict, total: int, requested: int) -> None:
-    """One entry per tranche (a first build written before tranches were recorded becomes
-    the first entry)."""
-    tranches = provenance.get("tranches") or ([{"seed": provenance["seed"], "added": provenance["prompts"],
-                                                "sources": provenance["sources"]}] if provenance else [])
-    record = {"prompts": total, "requested": requested, "tranches": tranches + [tranche],
+    record = {"prompts": total, "requested": requested, "tranches": provenance.get("tranches", []) + [tranche],
               "dedup": "word 8-gram shingles, 50% of the smaller set (scylla/sources.py); near-duplicates "
                        "of kept or evaluation prompts dropped",
               "long_text": "Debian package descriptions, /usr/share/doc, Python docstrings and sources on this machine"}

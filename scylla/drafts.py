@@ -17,7 +17,6 @@ from scylla.lean import LeanLM
 from scylla.proposals import Draft, DraftTree, logits_to_probs, sample
 
 NAMED_DRAFTS = ("scylla", "eagle3-style", "eagle2-style")
-DRAFT_CHOICES = ("none", "ngram", "layerskip:8", *NAMED_DRAFTS)
 COPY_SUFFIX = "+ngram"
 __all__ = ["Draft", "NgramDraft", "LayerSkipDraft", "CopyOrDraft", "make_draft", "check_draft_spec"]
 

@@ -196,13 +196,13 @@ def head_loss(head: FeatureHead, batch: dict, t2d: torch.Tensor | None, cfg: Tra
     if t2d is not None:
         tgt = torch.where(tgt >= 0, t2d[tgt.clamp_min(0)], tgt)
     drawn = loss_positions_drawn(tgt, weights)
-    answer = (weights[drawn] >= 1.0) & (tgt[drawn] != -100)
+    answer = weights[drawn] >= 1.0
     g = head.fuse(inp_feat)
     total, top1 = 0.0, None
     for step in range(cfg.ttt_steps):
         h = head(head.step_inputs(g, inp_tok, fused=True), attention_mask=attn)
         logits = head.logits(h[drawn])
-        ce = F.cross_entropy(logits, tgt[drawn], ignore_index=-100) if drawn.any() else h.sum() * 0.0
+        ce = F.cross_entropy(logits, tgt[drawn]) if drawn.any() else h.sum() * 0.0
         total = total + (0.8 ** step) * ce
         if step == 0:
             top1 = ((logits.argmax(-1) == tgt[drawn]) & answer).sum().item() / max(answer.sum().item(), 1)
