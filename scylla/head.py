@@ -229,8 +229,7 @@ def attached(head: FeatureHead, target_model) -> FeatureHead:
 
 def export_head(src: Path, dst: Path) -> None:
     """Copy a trained draft in float16 (half the bytes; loading casts back to the target dtype)."""
-    cfg = read_config(src)
-    state = load_file(str(Path(src) / WEIGHTS))
+    cfg, state = read_draft_state(src)
     half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
