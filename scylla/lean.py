@@ -233,7 +233,10 @@ class LeanStack:
 
     def ensure_rope(self, capacity: int) -> None:
         if self.cos.shape[0] < capacity:
-            self.cos, self.sin = rope_table(self.head_dim, self.theta, max(capacity, 256), self.device)
+            cos, sin = rope_table(self.head_dim, self.theta, max(capacity, 256), self.device)
+            # a half-precision stack rotates in its own dtype: SDPA wants q, k and v alike
+            low = self.norm.dtype in (torch.float16, torch.bfloat16)
+            self.cos, self.sin = (cos.to(self.norm.dtype), sin.to(self.norm.dtype)) if low else (cos, sin)
 
     def run(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor, allowed: torch.Tensor | None,
             keep_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

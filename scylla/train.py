@@ -178,7 +178,7 @@ def loss_positions_drawn(tgt: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     position (its attention needs them); the head and softmax over the draft vocabulary, more
     than half a position's cost, run on about a fifth of a long-prompt sequence. Unbiased
     for the weighted loss: a drawn prompt position then counts fully."""
-    drawn = torch.rand(weights.shape) < weights
+    drawn = torch.rand(weights.shape, device=weights.device) < weights
     return (tgt != -100) & ((weights >= 1.0) | drawn)
 
 

@@ -1,0 +1,282 @@
+"""Bulk work for an accelerator: plain batched generation (corpus answers, Magpie requests)
+and draft training with the target's features computed on the fly.
+
+The engine (scylla/decoding.py) decides acceptance row by row in Python, which is right for
+speculative decoding and wrong for generating millions of plain tokens: here every step is
+one batched forward, one batched argmax or sample, and finished rows leave the cache in
+groups. Training computes the target's features per batch instead of reading a feature
+cache (2^24 tokens of fused features would be tens of GB), and trains several drafts on the
+same batches, so that they differ only in recipe. scripts/device_train.py drives both.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from scylla.lean import CAUSAL, LeanLM
+from scylla.proposals import logits_to_probs
+from scylla.train import TrainConfig, head_loss, loss_positions, make_head
+
+MAX_ROWS = 1024
+
+
+# ---------------------------------------------------------------- generation
+
+def chunks_by_length(prompts: list[list[int]], max_new_tokens: int, slots: int,
+                     max_rows: int = MAX_ROWS) -> list[list[int]]:
+    """Indices of prompts grouped by similar length, each group's KV cache within `slots`
+    (rows x (longest prompt + budget))."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    groups, current = [], []
+    for i in order:
+        width = len(prompts[i]) + max_new_tokens + 1
+        if current and (len(current) + 1) * width > slots or len(current) >= max_rows:
+            groups.append(current)
+            current = []
+        current.append(i)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(r) for r in rows])
+    ids = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r)
+    return ids.to(device), lengths
+
+
+@torch.no_grad()
+def prefill_into(lm: LeanLM, cache, prompts: list[list[int]], pad_id: int, prefill_tokens: int) -> torch.Tensor:
+    """Prompt forwards in row slices (bounded activations), copied into `cache`; returns the
+    last real position's hidden state per row [B, H]."""
+    width = max(map(len, prompts))
+    per = max(1, prefill_tokens // width)
+    last = []
+    for r0 in range(0, len(prompts), per):
+        part = prompts[r0:r0 + per]
+        ids, lengths = padded(part, pad_id, lm.device)
+        small = lm.stack.new_cache(len(part), ids.shape[1], cache.keys[0].dtype)
+        positions = torch.arange(ids.shape[1], device=lm.device)[None].expand(len(part), -1)
+        out, _ = lm.stack.run(lm.embed[ids], small, positions, CAUSAL)
+        for big_k, big_v, k, v in zip(cache.keys, cache.values, small.keys, small.values):
+            big_k[r0:r0 + len(part), :, :ids.shape[1]] = k
+            big_v[r0:r0 + len(part), :, :ids.shape[1]] = v
+        last.append(out[torch.arange(len(part), device=lm.device), (lengths - 1).to(lm.device)])
+    cache.lengths = torch.tensor([len(p) for p in prompts])
+    return torch.cat(last)
+
+
+def pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = logits_to_probs(logits, temperature, top_p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def decode_group(lm: LeanLM, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                 top_p: float, generator, eos_ids: list[int], pad_id: int, prefill_tokens: int,
+                 check_every: int = 16) -> list[list[int]]:
+    """Plain decoding of one group; each row's tokens up to its first EOS (kept) or the budget,
+    as Row.take does in the engine."""
+    dev = lm.device
+    rows = len(prompts)
+    cache = lm.stack.new_cache(rows, max(map(len, prompts)) + max_new_tokens + 1, lm.embed.dtype)
+    nxt = pick(lm.head(prefill_into(lm, cache, prompts, pad_id, prefill_tokens)).float(), temperature, top_p, generator)
+    eos = torch.tensor(eos_ids or [-1], device=dev)
+    out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    alive = torch.arange(rows, device=dev)
+    done = torch.zeros(rows, dtype=torch.bool, device=dev)
+    lengths = cache.lengths.clone().to(dev)   # a copy on CPU too: the cache moves its own
+    for t in range(max_new_tokens):
+        out[alive, t] = nxt
+        done = done | torch.isin(nxt, eos)
+        if t == max_new_tokens - 1:
+            break
+        if t % check_every == check_every - 1:
+            finished = done.cpu()
+            if bool(finished.all()):
+                break
+            if int(finished.sum()) * 4 >= len(finished):   # a quarter finished: drop them
+                keep = (~finished).nonzero()[:, 0]
+                cache.select_rows(keep.tolist())
+                keep = keep.to(dev)
+                alive, nxt, done, lengths = alive[keep], nxt[keep], done[keep], lengths[keep]
+        span = int(cache.lengths.max()) + 1
+        allowed = (torch.arange(span, device=dev)[None] <= lengths[:, None])[:, None, None, :]
+        hidden, _ = lm.stack.run(lm.embed[nxt][:, None], cache, lengths[:, None], allowed)
+        nxt = pick(lm.head(hidden[:, 0]).float(), temperature, top_p, generator)
+        cache.lengths += 1
+        lengths = lengths + 1
+    return [cut_at_eos(row, eos_ids) for row in out.tolist()]
+
+
+def cut_at_eos(row: list[int], eos_ids: list[int]) -> list[int]:
+    for i, tok in enumerate(row):
+        if tok in eos_ids:
+            return row[:i + 1]
+    return row
+
+
+def bulk_generate(lm: LeanLM, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
+                  pad_id: int = 0, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                  slots: int = 1_500_000, prefill_tokens: int = 65536, deadline: float | None = None,
+                  progress=None) -> list[list[int] | None]:
+    """Answers for every prompt (None for those not reached by `deadline`, a time.time())."""
+    generator = torch.Generator(device=lm.device).manual_seed(seed)
+    groups = chunks_by_length(prompts, max_new_tokens, slots)
+    random.Random(seed).shuffle(groups)    # a deadline then cuts a mix of lengths, not the longest
+    answers: list[list[int] | None] = [None] * len(prompts)
+    for group in groups:
+        if deadline is not None and time.time() > deadline:
+            break
+        made = decode_group(lm, [prompts[i] for i in group], max_new_tokens, temperature, top_p,
+                            generator, eos_ids, pad_id, prefill_tokens)
+        for i, answer in zip(group, made):
+            answers[i] = answer
+        if progress:
+            progress(len(group), sum(map(len, made)))
+    return answers
+
+
+# ---------------------------------------------------------------- features on the fly
+
+@torch.no_grad()
+def target_features(lm: LeanLM, ids: torch.Tensor, layers: list[int], label_rows: int = 8192):
+    """Teacher-forced features of a right-padded batch [B, W]: the chosen hidden states
+    (transformers' numbering; the last one is after the final norm) concatenated [B, W, L*H],
+    and the target's greedy next token at every position [B, W]."""
+    rows, width = ids.shape
+    cache = lm.stack.new_cache(rows, width, lm.embed.dtype)
+    positions = torch.arange(width, device=ids.device)[None].expand(rows, -1)
+    out, kept = lm.stack.run(lm.embed[ids], cache, positions, CAUSAL, tuple(layers))
+    flat = out.reshape(-1, out.shape[-1])
+    labels = torch.cat([lm.head(flat[i:i + label_rows]).argmax(-1) for i in range(0, len(flat), label_rows)])
+    return torch.cat([kept[i] for i in layers], -1), labels.view(rows, width)
+
+
+def training_batch(lm: LeanLM, seqs: list[dict], layers: list[int], prompt_weight: float) -> dict:
+    """The batch dict head_loss reads, built on the accelerator: features [low, mid, high]
+    for multi fusion, the last layer for last fusion, target labels, weights, mask."""
+    dev = lm.device
+    ids, lengths = padded([s["tokens"] for s in seqs], 0, dev)
+    feats, labels = target_features(lm, ids, layers)
+    width = ids.shape[1]
+    col = torch.arange(width)[None]
+    mask = (col < lengths[:, None])
+    prompt = torch.tensor([max(0, int(s.get("prompt_len", 0)) - 1) for s in seqs])[:, None]
+    weights = torch.where(col < prompt, prompt_weight, 1.0) * mask
+    hidden = lm.embed.shape[1]
+    labels = labels.masked_fill(~mask.to(dev), -100)
+    return {"tokens": ids, "labels": labels, "weights": weights.to(dev), "mask": mask.long().to(dev),
+            "multi": feats[..., :3 * hidden], "last": feats[..., 3 * hidden:]}
+
+
+# ---------------------------------------------------------------- several drafts, one stream
+
+@dataclass
+class Trainee:
+    name: str
+    cfg: TrainConfig
+    head: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    t2d: torch.Tensor | None
+    losses: list = field(default_factory=list)
+    top1: list = field(default_factory=list)
+    record: dict = field(default_factory=dict)
+
+
+def answer_vocab(seqs: list[dict], size: int, vocab: int) -> torch.Tensor:
+    """The `size` most frequent answer tokens (what the draft will draft): EAGLE-3's reduced
+    vocabulary, counted on the tokens themselves (the features, and so the target's labels,
+    are only computed batch by batch)."""
+    counts = torch.zeros(vocab, dtype=torch.long)
+    for s in seqs:
+        counts += torch.bincount(torch.tensor(s["tokens"][max(1, s.get("prompt_len", 0)):]), minlength=vocab)
+    return counts.argsort(descending=True)[:size].sort().values
+
+
+def make_trainee(target_model, cfg: TrainConfig, seqs: list[dict], name: str, target_name: str) -> Trainee:
+    vocab = target_model.config.vocab_size
+    ids = answer_vocab(seqs, cfg.draft_vocab, vocab) if cfg.draft_vocab else None
+    head = make_head(target_model, cfg, ids, target_name).float()
+    dev = target_model.get_input_embeddings().weight.device
+    head = head.to(dev).train()
+    for p in head.parameters():
+        p.requires_grad_(True)
+    t2d = None
+    if ids is not None:
+        t2d = torch.full((vocab,), -100, dtype=torch.long, device=dev)
+        t2d[ids.to(dev)] = torch.arange(len(ids), device=dev)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.0)
+    return Trainee(name, cfg, head, optimizer, t2d)
+
+
+def planned_lr(step: int, plan: dict) -> float:
+    """Linear warm-up over 5% of the planned steps, then linear decay to 10%; `plan['steps']`
+    may be revised once the measured step time says how many fit."""
+    total = max(1, plan["steps"])
+    warm = max(1, total // 20)
+    return min(1.0, (step + 1) / warm) * max(0.1, 1 - step / total)
+
+
+def train_step(trainee: Trainee, batch: dict, step: int, plan: dict, autocast: bool) -> None:
+    view = dict(batch, features=batch["multi"] if trainee.cfg.fusion == "multi" else batch["last"])
+    for group in trainee.optimizer.param_groups:
+        group["lr"] = trainee.cfg.lr * planned_lr(step, plan)
+    with torch.autocast(batch["tokens"].device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss, top1 = head_loss(trainee.head, view, trainee.t2d, trainee.cfg)
+    trainee.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainee.head.parameters(), 1.0)
+    trainee.optimizer.step()
+    trainee.losses.append(float(loss.detach()))
+    trainee.top1.append(top1)
+
+
+def length_batches(seqs: list[dict], batch_tokens: int, seed: int, max_rows: int = 256) -> list[list[dict]]:
+    """Shuffled batches of similar-length sequences, each within `batch_tokens` padded positions."""
+    rng = random.Random(seed)
+    order = list(range(len(seqs)))
+    rng.shuffle(order)
+    batches = []
+    for i in range(0, len(order), 4096):          # sort within windows: little padding, still mixed
+        window = sorted(order[i:i + 4096], key=lambda j: len(seqs[j]["tokens"]))
+        current: list[dict] = []
+        for j in window:
+            width = max([len(seqs[j]["tokens"])] + [len(s["tokens"]) for s in current])
+            if current and ((len(current) + 1) * width > batch_tokens or len(current) >= max_rows):
+                batches.append(current)
+                current = []
+            current.append(seqs[j])
+        if current:
+            batches.append(current)
+    rng.shuffle(batches)
+    return batches
+
+
+@torch.no_grad()
+def heldout_answer_top1(lm: LeanLM, trainee: Trainee, batches: list[list[dict]], layers: list[int]) -> float:
+    """Answer-position top-1 of the first (teacher-forced) pass on held-out sequences."""
+    one = TrainConfig(**{**trainee.cfg.__dict__, "ttt_steps": 1, "reg_weight": 0.0})
+    trainee.head.eval()
+    hits = n = 0.0
+    for items in batches:
+        batch = training_batch(lm, items, layers, trainee.cfg.prompt_weight)
+        view = dict(batch, features=batch["multi"] if one.fusion == "multi" else batch["last"])
+        _, top1 = head_loss(trainee.head, view, trainee.t2d, one)
+        count = sum(loss_positions(s) for s in items)
+        hits += top1 * count
+        n += count
+    trainee.head.train()
+    return hits / max(n, 1.0)
+
+
+def steps_that_fit(step_s: float, seconds_left: float, wanted: int) -> int:
+    return max(1, min(wanted, math.floor(0.95 * seconds_left / max(step_s, 1e-6))))
