@@ -101,7 +101,7 @@ def magpie_requests(target, lm, n_raw: int, seed: int, clock: Clock) -> list[dic
 
 def new_prompts(target, lm, args, have: list[dict], clock: Clock, report: Report) -> list[dict]:
     raw = {"magpie": magpie_requests(target, lm, args.magpie, args.seed, clock),
-           "longtext": sources.longtext_prompts(args.longtext, seed=100 + args.seed),
+           "longtext": sources.longtext_prompts(args.longtext, seed=100 + args.seed) if args.longtext else [],
            "template": sources.template_prompts(args.template, seed=100 + args.seed)}
     for rows in raw.values():
         for p in rows:

@@ -353,7 +353,9 @@ class LeanHead:
         if allowed is None and x.shape[0] > 1:
             allowed = torch.ones(x.shape[0], x.shape[0], dtype=torch.bool).tril()
             allowed = torch.cat([torch.ones(x.shape[0], cache.length(), dtype=torch.bool), allowed], -1)[None, None]
-        out, _ = self.stack.run(x[None], cache, positions[None], allowed)
+        if allowed is not None:
+            allowed = allowed.to(x.device)   # masks are built on the CPU
+        out, _ = self.stack.run(x[None], cache, positions[None].to(x.device), allowed)
         cache.set_length(0, cache.length() + x.shape[0])
         return out[0]
 
