@@ -37,7 +37,7 @@ from scylla.corpus import read_answers  # noqa: E402
 from scylla.data import eval_prompts  # noqa: E402
 from scylla.head import export_head, load_head_draft, save_head  # noqa: E402
 from scylla.lean import LeanLM  # noqa: E402
-from scylla.models import encode_prompt, load_target  # noqa: E402
+from scylla.models import DEFAULT_TARGET, encode_prompt, load_target  # noqa: E402
 from scylla.train import TrainConfig, loss_positions, stored_layers  # noqa: E402
 
 MAX_PROMPT_TOKENS = 1792
@@ -172,6 +172,20 @@ def corpus_stats(seqs: list[dict]) -> dict:
     return {"by_source": by_source, **total, "tokens": total["prompt_tokens"] + total["answer_tokens"]}
 
 
+def save_corpus(seqs: list[dict], out: Path) -> None:
+    """The corpus as it comes back: token ids (uint16) and one JSON line per sequence, so
+    that it can be committed as a snapshot and trained on again without the accelerator."""
+    import gzip
+
+    import numpy as np
+
+    np.savez_compressed(out / "corpus_tokens.npz", tokens=np.array([t for s in seqs for t in s["tokens"]], dtype=np.uint16),
+                        lengths=np.array([len(s["tokens"]) for s in seqs], dtype=np.int32))
+    with gzip.open(out / "corpus_meta.jsonl.gz", "wt") as fh:
+        for s in seqs:
+            fh.write(json.dumps({k: v for k, v in s.items() if k != "tokens"}) + "\n")
+
+
 # ---------------------------------------------------------------- training
 
 def train_all(target, lm, seqs: list[dict], args, clock: Clock, report: Report) -> list[bulk.Trainee]:
@@ -295,7 +309,7 @@ def parse(argv=None):
     p.add_argument("--eval-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--target", default="SmolLM2-135M-Instruct", help="the bundled target, or a transformers folder")
+    p.add_argument("--target", default=DEFAULT_TARGET, help="the bundled target, or a transformers folder")
     p.add_argument("--tiny-from", help="smoke run: a tiny random Llama with the tokenizer in this folder")
     return p.parse_args(argv)
 
@@ -344,6 +358,7 @@ def main(argv=None) -> int:
     log(clock, f"prompts: {len(prompts)} new after dedup")
     seqs = have + answer_all(target, gen_lm, prompts, args, clock, report)
     report.put("corpus", corpus_stats(seqs))
+    save_corpus(seqs, out)
     log(clock, f"corpus: {report.data['corpus']['tokens']} tokens in {len(seqs)} sequences")
     del gen_lm
     trainees = train_all(target, lm, seqs, args, clock, report)

@@ -223,7 +223,7 @@ def accept_sampled(tree: DraftTree, probs: torch.Tensor, generator) -> tuple[lis
             tok = tree.tokens[child]
             q = None if tree.q is None else tree.q[child]
             q_tok = 1.0 if q is None else float(q[tok])
-            if q_tok > 0 and torch.rand((), generator=generator).item() < min(1.0, float(residual[tok]) / q_tok):
+            if q_tok > 0 and torch.rand((), generator=generator, device=residual.device).item() < min(1.0, float(residual[tok]) / q_tok):
                 node, moved = child, True
                 path.append(child)
                 break
