@@ -111,3 +111,28 @@ def test_draft_length_choice_follows_cost_and_acceptance():
     assert best_draft_length(0.95, [10.0] * 5, 50.0) == 0  # a draft dearer than the target
     flat_then_steep = [10.0, 10.5, 11.0, 30.0, 50.0]      # compute-bound past 3 tokens per row
     assert best_draft_length(0.8, flat_then_steep, 0.0) == 2
+
+
+def test_draft_length_weighs_acceptance_depth_by_depth():
+    flat = [10.0] * 5
+    assert best_draft_length([0.9, 0.1, 0.1, 0.1], flat, 1.0) == 1       # right once, rarely twice
+    assert best_draft_length([0.5, 0.9, 0.9, 0.9], flat, 1.0) == 4       # once right, it stays right
+    assert best_draft_length(0.5, flat, 1.0) == best_draft_length([0.5] * 4, flat, 1.0)
+
+
+def test_draft_budget_learns_each_depth_and_probes_one_deeper():
+    from types import SimpleNamespace
+
+    from scylla.decoding import DraftBudget
+
+    budget = object.__new__(DraftBudget)
+    budget.costs, budget.judged, budget.passed = [10.0] * 5, [0] * 4, [0] * 4
+    budget.drafted, budget.draft_ms, budget.steps = 0, 0.0, 0
+    assert budget.depth_rates() == [0.5] * 4
+    # chains of 3: the first token always right, the second never
+    budget.record([SimpleNamespace(drafted=[7, 8, 9], accepted=1, draft_ms=3.0)] * 40)
+    assert budget.judged == [40, 40, 0, 0] and budget.passed == [40, 0, 0, 0]
+    rates = budget.depth_rates()
+    assert rates[0] > 0.95 and rates[1] < 0.05 and rates[2] == rates[1]
+    picks = [budget.choose(1) for _ in range(32)]
+    assert picks.count(1) == 30 and picks[15] == picks[31] == 2
