@@ -38,7 +38,7 @@ from scylla.data import eval_prompts  # noqa: E402
 from scylla.head import export_head, load_head_draft, save_head  # noqa: E402
 from scylla.lean import LeanLM  # noqa: E402
 from scylla.models import DEFAULT_TARGET, encode_prompt, load_target  # noqa: E402
-from scylla.train import TrainConfig, loss_positions, stored_layers  # noqa: E402
+from scylla.train import TrainConfig, loss_positions, stored_layers, window  # noqa: E402
 
 MAX_PROMPT_TOKENS = 1792
 MAX_POSITIONS = 2048
@@ -148,10 +148,10 @@ def answer_all(target, lm, prompts: list[dict], args, clock: Clock, report: Repo
 
 
 def sequence(prompt: dict, prompt_ids: list[int], answer: list[int], temperature: float) -> dict:
-    tokens = (prompt_ids + answer)[-MAX_POSITIONS:]
-    cut = len(prompt_ids) + len(answer) - len(tokens)
-    return {"tokens": tokens, "prompt_len": max(0, len(prompt_ids) - cut), "question_id": prompt["question_id"],
-            "source": prompt["source"], "category": prompt["category"], "temperature": temperature}
+    """A training sequence: its last MAX_POSITIONS tokens (where the answer is), as train.window."""
+    seq = window({"tokens": prompt_ids + answer, "prompt_len": len(prompt_ids)}, MAX_POSITIONS)
+    return {**seq, "question_id": prompt["question_id"], "source": prompt["source"],
+            "category": prompt["category"], "temperature": temperature}
 
 
 def committed_sequences() -> list[dict]:
@@ -231,7 +231,7 @@ def train_all(target, lm, seqs: list[dict], args, clock: Clock, report: Report) 
                             "batch_tokens": args.batch_tokens, "lr": args.lr, "wall_s": clock.now(),
                             "drafts": records})
     for t in trainees:
-        t.cfg.tokens = seen
+        t.cfg.tokens = t.head.cfg.tokens = seen
         t.record = {"draft_kind": t.name, "layers": t.cfg.layers, "fusion": t.cfg.fusion,
                     "draft_vocab": t.cfg.draft_vocab, "tokens": seen, "ttt_steps": t.cfg.ttt_steps,
                     "seed": t.cfg.seed, "wall_s": clock.now(), **records[t.name],
@@ -254,7 +254,6 @@ def save_drafts(trainees: list[bulk.Trainee], out: Path, work: Path) -> list[Pat
     folders = []
     for t in trainees:
         full = work / "fp32" / t.name
-        t.head.cfg.tokens = t.cfg.tokens
         save_head(t.head.float().cpu(), full)
         (full / "training.json").write_text(json.dumps(t.record, indent=2))
         export_head(full, work / "drafts" / t.name)
@@ -266,8 +265,7 @@ def save_drafts(trainees: list[bulk.Trainee], out: Path, work: Path) -> list[Pat
 # ---------------------------------------------------------------- tau on the evaluation prompts
 
 def eval_tau(target, folders: list[Path], args, clock: Clock, report: Report) -> None:
-    from scylla.decoding import batch_generate_ids
-    from scylla.trace import summarize
+    from scylla.bench import draft_taus
 
     prompts = [encode_prompt(target, p["prompt"]) for p in eval_prompts(args.eval_prompts)]
     results = {}
@@ -278,9 +276,7 @@ def eval_tau(target, folders: list[Path], args, clock: Clock, report: Report) ->
                 return
             draft = load_head_draft(folder, target, folder.name)
             start = time.time()
-            _, steps = batch_generate_ids(target, draft, prompts, max_new_tokens=args.eval_tokens, k=4,
-                                          temperature=temperature, seed=0)
-            taus = [summarize(s).tau for s in steps]
+            taus = draft_taus(target, draft, prompts, 4, temperature, args.eval_tokens, batch=len(prompts))
             results[f"{folder.name}@T{temperature:g}"] = {"tau": round(sum(taus) / len(taus), 4),
                                                           "wall_s": round(time.time() - start, 1)}
             report.put("eval", {**results, "prompts": len(prompts), "max_new_tokens": args.eval_tokens, "k": 4})

@@ -16,20 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scylla import ScyllaError  # noqa: E402
 from scylla.data import load_prompts  # noqa: E402
-from scylla.decoding import batch_generate_ids  # noqa: E402
+from scylla.bench import draft_taus  # noqa: E402
 from scylla.drafts import make_draft  # noqa: E402
 from scylla.models import encode_prompt, load_target  # noqa: E402
-from scylla.trace import summarize  # noqa: E402
-
-
-def tau_of(target, draft, prompts: list[list[int]], k: int, temperature: float, max_new: int,
-           batch: int) -> list[float]:
-    taus = []
-    for i in range(0, len(prompts), batch):
-        _, steps = batch_generate_ids(target, draft, prompts[i:i + batch], max_new_tokens=max_new, k=k,
-                                      temperature=temperature, seed=0)
-        taus += [summarize(s).tau for s in steps]
-    return taus
 
 
 def main(argv=None) -> int:
@@ -51,7 +40,7 @@ def main(argv=None) -> int:
         for temperature in map(float, args.temperatures.split(",")):
             for spec in args.drafts.split(","):
                 start = time.time()
-                taus = tau_of(target, make_draft(spec, target), prompts, args.k, temperature,
+                taus = draft_taus(target, make_draft(spec, target), prompts, args.k, temperature,
                               args.max_new_tokens, args.batch)
                 by_cat: dict[str, list[float]] = {}
                 for r, t in zip(rows, taus):

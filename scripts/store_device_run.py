@@ -22,7 +22,7 @@ from scylla.head import shipped_dir  # noqa: E402
 from scylla.store import insert_training  # noqa: E402
 from scylla.train import training_row  # noqa: E402
 
-STORE_SKIPS = ("in_vocab", "device")   # training.json keeps them; the table has its own device column
+STORE_SKIPS = ("in_vocab",)   # training.json keeps it; the trainings table has no column for it
 
 
 def unpack(files: Path, dest: Path) -> list[Path]:
@@ -40,8 +40,8 @@ def unpack(files: Path, dest: Path) -> list[Path]:
 def store(folder: Path, db: str) -> str:
     record = json.loads((folder / "training.json").read_text())
     row = {k: v for k, v in training_row(record).items() if k not in STORE_SKIPS}
-    return insert_training(db, {**row, "target": "SmolLM2-135M-Instruct", "device": record.get("device"),
-                                "host": "lent accelerator", "command": "python scripts/device_train.py"})
+    return insert_training(db, {**row, "target": "SmolLM2-135M-Instruct", "host": "lent accelerator",
+                                "command": "python scripts/device_train.py"})
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,8 @@ import torch
 
 from scylla.lean import CAUSAL, LeanLM
 from scylla.proposals import logits_to_probs
-from scylla.train import TrainConfig, head_loss, loss_positions, make_head
+from scylla.train import (TrainConfig, head_loss, loss_positions, make_head, most_frequent, teacher_forced,
+                          warmup_decay)
 
 MAX_ROWS = 1024
 
@@ -87,7 +88,7 @@ def decode_group(lm: LeanLM, prompts: list[list[int]], max_new_tokens: int, temp
     as Row.take does in the engine."""
     dev = lm.device
     rows = len(prompts)
-    cache = lm.stack.new_cache(rows, max(map(len, prompts)) + max_new_tokens + 1, lm.embed.dtype)
+    cache = lm.new_cache(rows, max(map(len, prompts)) + max_new_tokens + 1)
     nxt = pick(lm.head(prefill_into(lm, cache, prompts, pad_id, prefill_tokens)).float(), temperature, top_p, generator)
     eos = torch.tensor(eos_ids or [-1], device=dev)
     out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=dev)
@@ -153,7 +154,7 @@ def target_features(lm: LeanLM, ids: torch.Tensor, layers: list[int], label_rows
     (transformers' numbering; the last one is after the final norm) concatenated [B, W, L*H],
     and the target's greedy next token at every position [B, W]."""
     rows, width = ids.shape
-    cache = lm.stack.new_cache(rows, width, lm.embed.dtype)
+    cache = lm.new_cache(rows, width)
     positions = torch.arange(width, device=ids.device)[None].expand(rows, -1)
     out, kept = lm.stack.run(lm.embed[ids], cache, positions, CAUSAL, tuple(layers))
     flat = out.reshape(-1, out.shape[-1])
@@ -196,10 +197,7 @@ def answer_vocab(seqs: list[dict], size: int, vocab: int) -> torch.Tensor:
     """The `size` most frequent answer tokens (what the draft will draft): EAGLE-3's reduced
     vocabulary, counted on the tokens themselves (the features, and so the target's labels,
     are only computed batch by batch)."""
-    counts = torch.zeros(vocab, dtype=torch.long)
-    for s in seqs:
-        counts += torch.bincount(torch.tensor(s["tokens"][max(1, s.get("prompt_len", 0)):]), minlength=vocab)
-    return counts.argsort(descending=True)[:size].sort().values
+    return most_frequent((torch.tensor(s["tokens"][max(1, s.get("prompt_len", 0)):]) for s in seqs), size, vocab)
 
 
 def make_trainee(target_model, cfg: TrainConfig, seqs: list[dict], name: str, target_name: str) -> Trainee:
@@ -219,11 +217,9 @@ def make_trainee(target_model, cfg: TrainConfig, seqs: list[dict], name: str, ta
 
 
 def planned_lr(step: int, plan: dict) -> float:
-    """Linear warm-up over 5% of the planned steps, then linear decay to 10%; `plan['steps']`
-    may be revised once the measured step time says how many fit."""
-    total = max(1, plan["steps"])
-    warm = max(1, total // 20)
-    return min(1.0, (step + 1) / warm) * max(0.1, 1 - step / total)
+    """train.warmup_decay over the planned steps; `plan['steps']` may be revised once the
+    measured step time says how many fit."""
+    return warmup_decay(step, plan["steps"])
 
 
 def train_step(trainee: Trainee, batch: dict, step: int, plan: dict, autocast: bool) -> None:
@@ -264,7 +260,7 @@ def length_batches(seqs: list[dict], batch_tokens: int, seed: int, max_rows: int
 @torch.no_grad()
 def heldout_answer_top1(lm: LeanLM, trainee: Trainee, batches: list[list[dict]], layers: list[int]) -> float:
     """Answer-position top-1 of the first (teacher-forced) pass on held-out sequences."""
-    one = TrainConfig(**{**trainee.cfg.__dict__, "ttt_steps": 1, "reg_weight": 0.0})
+    one = teacher_forced(trainee.cfg)
     trainee.head.eval()
     hits = n = 0.0
     for items in batches:

@@ -163,10 +163,14 @@ def last_columns(cols: slice) -> slice:
 def draft_vocab_map(seqs: list[dict], size: int, target_vocab: int) -> torch.Tensor:
     """The `size` most frequent target next tokens on answer positions (where the draft
     drafts) in the corpus: EAGLE-3's reduced vocabulary."""
-    counts = torch.zeros(target_vocab, dtype=torch.long)
-    for s in seqs:
-        start = max(0, int(s.get("prompt_len", 0)) - 1)
-        counts += torch.bincount(s["labels"][start:], minlength=target_vocab)
+    return most_frequent((s["labels"][max(0, int(s.get("prompt_len", 0)) - 1):] for s in seqs), size, target_vocab)
+
+
+def most_frequent(streams, size: int, vocab: int) -> torch.Tensor:
+    """The `size` most frequent ids over token-id tensors, sorted by id."""
+    counts = torch.zeros(vocab, dtype=torch.long)
+    for ids in streams:
+        counts += torch.bincount(ids, minlength=vocab)
     return counts.argsort(descending=True)[:size].sort().values
 
 
@@ -215,11 +219,16 @@ def head_loss(head: FeatureHead, batch: dict, t2d: torch.Tensor | None, cfg: Tra
     return total, top1
 
 
+def teacher_forced(cfg: TrainConfig) -> TrainConfig:
+    """The same settings, one pass on the true features (what held-out top-1 scores)."""
+    return TrainConfig(**{**asdict(cfg), "ttt_steps": 1, "reg_weight": 0.0})
+
+
 @torch.no_grad()
 def heldout_top1(head, seqs, t2d, cfg, cols) -> float:
     head.eval()
     hits = n = 0
-    one_pass = TrainConfig(**{**asdict(cfg), "ttt_steps": 1, "reg_weight": 0.0})
+    one_pass = teacher_forced(cfg)
     for i in range(0, len(seqs), cfg.batch_seqs):
         items = [window(s, cfg.max_len) for s in seqs[i:i + cfg.batch_seqs]]
         batch = collate(items, cols, prompt_weight=cfg.prompt_weight)
@@ -352,8 +361,14 @@ def lr_lambda(cfg: TrainConfig, seqs: list[dict]):
     """Linear warm-up over the first 5% of steps, then linear decay to 10%."""
     mean_len = sum(loss_positions(window(s, cfg.max_len)) for s in seqs) / len(seqs)
     n_steps = max(1, math.ceil(cfg.tokens / (cfg.batch_seqs * mean_len)))
-    warm = max(1, n_steps // 20)
-    return lambda s: min(1.0, (s + 1) / warm) * max(0.1, 1 - s / n_steps)
+    return lambda s: warmup_decay(s, n_steps)
+
+
+def warmup_decay(step: int, total: int) -> float:
+    """Linear warm-up over the first 5% of `total` steps, then linear decay to 10%."""
+    total = max(1, total)
+    warm = max(1, total // 20)
+    return min(1.0, (step + 1) / warm) * max(0.1, 1 - step / total)
 
 
 def run_batch(items, head, optimizer, schedule, accelerator, t2d, cfg, cols, seen, step, state, bar):
