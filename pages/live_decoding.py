@@ -43,14 +43,16 @@ with st.sidebar:
     temperature = st.slider("Temperature", 0.0, 1.5, 0.0, 0.05, key="temperature")
     top_p = st.slider("Top-p", 0.05, 1.0, 1.0, 0.05, key="top_p")
     shape = st.radio("Draft shape", live.SHAPES, horizontal=True, key="shape",
+                     index=live.SHAPES.index(live.default_shape(draft_kind)),
                      help="chain: k tokens in a row; tree: an EAGLE-2 dynamic tree verified in one forward.")
     if shape == "chain":
         k = st.slider("Chain length k (draft tokens per step)", 1, 12, 6, key="k")
         depth, topk, total = k, 1, k
     else:
-        depth = st.slider("Tree depth", 1, 8, 4, key="tree_depth")
-        topk = st.slider("Top-k expansion", 1, 8, 4, key="tree_topk")
-        total = st.slider("Tree nodes verified", 1, 64, 16, key="tree_total")
+        tree_depth, tree_topk, tree_total = live.default_tree(temperature)
+        depth = st.slider("Tree depth", 1, 8, tree_depth, key="tree_depth")
+        topk = st.slider("Top-k expansion", 1, 8, tree_topk, key="tree_topk")
+        total = st.slider("Tree nodes verified", 1, 64, tree_total, key="tree_total")
         k = depth
     max_tokens = st.slider("Max new tokens", 8, 256, 64, 8, key="max_tokens")
     seed = st.number_input("Seed (sampling)", 0, 2**31 - 1, 0, key="seed")

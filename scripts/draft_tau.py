@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--drafts", required=True, help="comma-separated names or folders")
     p.add_argument("--prompts", default="assets/eval_prompts.jsonl")
     p.add_argument("--k", type=int, default=4)
+    p.add_argument("--tree", help="draft trees of this shape (D,K,N) instead of chains of k")
     p.add_argument("--temperatures", default="0,1")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
@@ -35,13 +36,13 @@ def main(argv=None) -> int:
         target = load_target()
         rows = load_prompts(Path(args.prompts))
         prompts = [encode_prompt(target, r["prompt"]) for r in rows]
-        out = {"prompts": args.prompts, "n": len(prompts), "k": args.k, "max_new_tokens": args.max_new_tokens,
-               "results": {}}
+        out = {"prompts": args.prompts, "n": len(prompts), "k": args.k, "tree": args.tree,
+               "max_new_tokens": args.max_new_tokens, "results": {}}
         for temperature in map(float, args.temperatures.split(",")):
             for spec in args.drafts.split(","):
                 start = time.time()
                 taus = draft_taus(target, make_draft(spec, target), prompts, args.k, temperature,
-                              args.max_new_tokens, args.batch)
+                              args.max_new_tokens, args.batch, tree=args.tree)
                 by_cat: dict[str, list[float]] = {}
                 for r, t in zip(rows, taus):
                     by_cat.setdefault(r["category"], []).append(t)

@@ -257,11 +257,11 @@ def row_averages(rows: list[dict]) -> dict:
 
 
 def draft_taus(target, draft, prompts: list[list[int]], k: int, temperature: float, max_new_tokens: int,
-               batch: int = 16) -> list[float]:
+               batch: int = 16, tree=None) -> list[float]:
     """Tau per prompt, batches of rows through the engine, no timing: compares drafts cheaply."""
     taus = []
     for i in range(0, len(prompts), batch):
         _, steps = batch_generate_ids(target, draft, prompts[i:i + batch], max_new_tokens=max_new_tokens, k=k,
-                                      temperature=temperature, seed=0)
+                                      temperature=temperature, seed=0, tree=tree)
         taus += [summarize(s).tau for s in steps]
     return taus

@@ -57,10 +57,12 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="lean", choices=["lean", "hf"],
                    help="lean: the engine's own fused forward (default); hf: the transformers forward (reference)")
     p.add_argument("--draft", default="ngram", help="none | ngram | layerskip:K | scylla | eagle3-style | eagle2-style | FOLDER; SPEC+ngram: SPEC, copying where the context repeats")
-    p.add_argument("--k", type=draft_length, default=6,
-                   help="draft length (chain), or 'auto': chosen per step from measured cost and acceptance")
+    p.add_argument("--k", type=draft_length, default=None,
+                   help="draft a chain of this length, or 'auto': chosen per step from measured cost and "
+                        "acceptance (default: 6 for ngram and layerskip; a trained head drafts a tree)")
     p.add_argument("--tree", default=None, metavar="D,K,N",
-                   help="verify an EAGLE-2 draft tree of depth D, top-K expansion, N nodes (instead of a chain)")
+                   help="verify an EAGLE-2 draft tree of depth D, top-K expansion, N nodes (default for a "
+                        "trained head without --k: 2,3,5 at T = 0, 2,4,6 when sampling)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -207,11 +209,12 @@ def cmd_bench(args) -> int:
 def check_flags(args) -> None:
     """Validate decoding flags before paying for a model load."""
     from scylla.decoding import check_decode_args
-    from scylla.drafts import check_draft_spec
+    from scylla.drafts import check_draft_spec, default_shape
     from scylla.models import QUANTS
 
-    check_decode_args(args.max_new_tokens, args.temperature, args.top_p, args.k)
     check_draft_spec(args.draft)
+    args.k, args.tree = default_shape(args.draft, args.k, args.tree, args.temperature)
+    check_decode_args(args.max_new_tokens, args.temperature, args.top_p, args.k)
     if args.tree:
         from scylla.decoding import TreeShape
 

@@ -18,6 +18,14 @@ from scylla.proposals import Draft, DraftTree, logits_to_probs, sample
 
 NAMED_DRAFTS = ("scylla", "eagle3-style", "eagle2-style")
 COPY_SUFFIX = "+ngram"
+# A trained head's default: a small EAGLE-2 tree, depth 2. Its second and third guesses are
+# often right where the first is not, and on this CPU a 6-wide verify costs about what a
+# one-token forward does; deeper or bigger trees drafted and verified more than they gained.
+# Sampling (T > 0) spreads the target's mass, so a fourth first-level guess pays there.
+# Chosen on the 16 sweep prompts (docs/results.md, "Draft trees on the lean forward").
+HEAD_TREE = "tree:2,3,5"
+HEAD_TREE_SAMPLED = "tree:2,4,6"
+CHAIN_K = 6
 __all__ = ["Draft", "NgramDraft", "LayerSkipDraft", "CopyOrDraft", "make_draft", "check_draft_spec"]
 
 
@@ -204,6 +212,21 @@ def check_draft_spec(spec: str) -> None:
     if kind == "layerskip" and num.isdigit():
         return
     raise unknown_draft(spec)
+
+
+def is_head_spec(spec: str) -> bool:
+    """A trained head (named or a folder), alone or with the copy fallback."""
+    base = (spec or "none").strip().removesuffix(COPY_SUFFIX)
+    return base not in ("", "none", "ngram") and not base.startswith("layerskip:")
+
+
+def default_shape(spec: str, k: int | str | None, tree: str | None,
+                  temperature: float = 0.0) -> tuple[int | str, str | None]:
+    """Fill in what the user left out: --k alone means a chain of k; neither means a head's
+    default tree, or a chain of CHAIN_K for the other drafts."""
+    if tree is None and k is None and is_head_spec(spec):
+        return CHAIN_K, HEAD_TREE if temperature <= 0 else HEAD_TREE_SAMPLED
+    return (CHAIN_K if k is None else k), tree
 
 
 def make_draft(spec: str, target) -> Draft | None:

@@ -14,6 +14,7 @@ exports to the layout vLLM and SGLang serve and loads back from it.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from transformers import LlamaConfig, LlamaModel
 
 from scylla import ScyllaError
 from scylla import eagle3
-from scylla.lean import KVCache, LeanStack, Linear, linear_kind
+from scylla.lean import KVCache, LeanStack, Linear, draft_linear_kind
 from scylla.proposals import Draft, DraftTree, logits_to_probs, sample
 
 WEIGHTS = "model.safetensors"
@@ -323,7 +324,7 @@ class LeanHead:
 
     def __init__(self, head: FeatureHead):
         weight = head.head.weight if head.head is not None else head.fc.weight
-        kind = linear_kind(weight.device, "none", weight.dtype)
+        kind = draft_linear_kind(weight.device, weight.dtype)
         self.fuse = Linear(head.fuse.weight, kind) if isinstance(head.fuse, nn.Linear) else None
         if head.cfg.arch == "eagle3":
             self.fc = None
@@ -452,14 +453,13 @@ class HeadDraft(Draft):
         """EAGLE-2 dynamic tree: per level, expand the `topk` best new nodes (by cumulative
         draft log-prob) into their `topk` best children, all in one head forward with a tree
         mask; finally keep the `total` best nodes (an ancestor-closed set)."""
-        grow = TreeGrowth(self.lean.to_target_ids)
-        grow.add_children(-1, self.catch_up(context), self.lean, shape.topk)
+        grow = TreeGrowth(self.lean)
+        grow.add_children([-1], self.catch_up(context)[None], shape.topk)
         for _ in range(shape.depth - 1):
             expand = grow.best_new(shape.topk)
             hidden = self.feed_nodes(grow, expand)
             grow.frontier = []
-            for j, node in enumerate(expand):
-                grow.add_children(node, hidden[j], self.lean, shape.topk)
+            grow.add_children(expand, hidden, shape.topk)
         return grow.tree(shape.total)
 
     def feed_nodes(self, grow: "TreeGrowth", nodes: list[int]) -> torch.Tensor:
@@ -484,25 +484,30 @@ class HeadDraft(Draft):
 class TreeGrowth:
     """The nodes a dynamic tree has grown so far, with their cumulative log-probs."""
 
-    def __init__(self, to_target_ids):
-        self.to_target_ids = to_target_ids
+    def __init__(self, lean: "LeanHead"):
+        self.lean = lean
         self.tokens, self.parents, self.depths, self.scores, self.conf = [], [], [], [], []
         self.state_of_parent: list[torch.Tensor] = []  # the head state that predicted the node
         self.slot: dict[int, int] = {}                  # draft-cache slot of a fed node
         self.frontier: list[int] = []
 
-    def add_children(self, node: int, state: torch.Tensor, lean: LeanHead, topk: int) -> None:
-        logp = torch.log_softmax(lean.logits(state[None])[0], -1)
-        best = logp.topk(min(topk, logp.shape[-1]))
-        base = self.scores[node] if node >= 0 else 0.0
-        for lp, draft_id in zip(best.values.tolist(), best.indices.tolist()):
-            self.tokens.append(int(lean.to_target_ids(torch.tensor(draft_id))))
-            self.parents.append(node)
-            self.depths.append(1 if node < 0 else self.depths[node] + 1)
-            self.scores.append(base + lp)
-            self.conf.append(float(torch.tensor(lp).exp()))
-            self.state_of_parent.append(state)
-            self.frontier.append(len(self.tokens) - 1)
+    def add_children(self, nodes: list[int], states: torch.Tensor, topk: int) -> None:
+        """The `topk` best children of each node (-1: the root), from its state [n, H]; one
+        batched head projection for the whole level, because per-node calls cost more than
+        the matmul itself on a CPU."""
+        logp = torch.log_softmax(self.lean.logits(states), -1)
+        best = logp.topk(min(topk, logp.shape[-1]), dim=-1)
+        ids = self.lean.to_target_ids(best.indices).tolist()
+        for j, (node, values) in enumerate(zip(nodes, best.values.tolist())):
+            base = self.scores[node] if node >= 0 else 0.0
+            for lp, tok in zip(values, ids[j]):
+                self.tokens.append(int(tok))
+                self.parents.append(node)
+                self.depths.append(1 if node < 0 else self.depths[node] + 1)
+                self.scores.append(base + lp)
+                self.conf.append(math.exp(lp))
+                self.state_of_parent.append(states[j])
+                self.frontier.append(len(self.tokens) - 1)
 
     def best_new(self, topk: int) -> list[int]:
         return sorted(self.frontier, key=lambda n: -self.scores[n])[:topk]

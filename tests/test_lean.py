@@ -127,6 +127,25 @@ def test_int8_path_is_a_close_but_different_target():
     assert 0 < err < 0.1 * a.abs().max().item()   # quantized: not equal, but near
 
 
+def test_bf16_draft_linears_are_near_fp32_and_chosen_only_with_native_bf16(monkeypatch):
+    import scylla.lean as lean
+
+    if not lean.can_prepack("cpu"):
+        pytest.skip("oneDNN is not available in this torch build")
+    gen = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(300, 64, generator=gen), torch.randn(3, 64, generator=gen)
+    want, got = torch.nn.functional.linear(x, weight), lean.Linear(weight, "bf16")(x)
+    assert got.dtype == torch.float32 and 0 < (got - want).abs().max() < 0.02 * want.abs().max()
+    monkeypatch.setattr(lean, "cpu_has_bf16", lambda: True)
+    assert lean.draft_linear_kind("cpu") == "bf16"
+    assert lean.draft_linear_kind("cpu", torch.float16) != "bf16"
+    monkeypatch.setattr(lean, "DRAFT_BF16", False)       # SCYLLA_DRAFT_BF16=0
+    assert lean.draft_linear_kind("cpu") == "packed"
+    monkeypatch.setattr(lean, "DRAFT_BF16", True)
+    monkeypatch.setattr(lean, "cpu_has_bf16", lambda: False)
+    assert lean.draft_linear_kind("cpu") == "packed"
+
+
 # ---------------------------------------------------------------- the real bundled target
 
 @pytest.mark.real

@@ -1,6 +1,7 @@
 """Draft trees (EAGLE-2 style) on a tiny random Llama: exact at T=0, lossless at T>0."""
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -95,3 +96,46 @@ def test_head_tree_of_width_one_is_the_head_chain(tmp_path):
 def test_bad_tree_shapes_are_refused(spec):
     with pytest.raises(ScyllaError, match="tree"):
         TreeShape.parse(spec)
+
+
+def test_head_tree_keeps_the_top_k_children_and_the_best_scoring_nodes(tmp_path):
+    """Depth 1 holds the head's top-k tokens at the root; the kept nodes are the `total`
+    best by cumulative draft log-prob (one batched projection per level must not change them)."""
+    target = tiny_target()
+    draft = head_draft(target, tmp_path)
+    prompt = [5, 9, 33, 12, 40, 7]
+    twin = draft.fork()
+    state = prefill_prompt(target, prompt)
+    for d in (draft, twin):
+        d.observe(prompt, state.features_of(d.feature_layers))
+    context = prompt + [17]
+    root = twin.catch_up(context)
+    top3 = twin.lean.to_target_ids(twin.lean.logits(root[None])[0].topk(3).indices).tolist()
+    wide = draft.propose_tree(context, TreeShape(3, 3, 39), 0.0, 1.0, None)
+    assert [wide.tokens[c] for c in wide.children(-1)] == top3
+    assert len(wide) == 3 + 9 + 9   # level 2: 3 x 3 children; level 3: the best 3 expanded
+    small = draft.propose_tree(context, TreeShape(3, 3, 5), 0.0, 1.0, None)
+
+    def paths(tree):   # each node as its token path from the root, with its cumulative log-prob
+        return {tuple(tree.tokens[a] for a in reversed(tree.lineage(n))):
+                sum(math.log(tree.confidence[a]) for a in tree.lineage(n)) for n in range(len(tree))}
+
+    grown = paths(wide)
+    best5 = sorted(grown, key=lambda p: -grown[p])[:5]
+    assert len(small) == 5 and set(paths(small)) == set(best5)
+
+
+@pytest.mark.parametrize("spec,k,tree,temperature,want", [
+    ("scylla", None, None, 0.0, (6, "tree:2,3,5")),
+    ("eagle3-style", None, None, 1.0, (6, "tree:2,4,6")),   # sampling: one more first guess
+    ("scylla+ngram", None, None, 0.0, (6, "tree:2,3,5")),
+    ("eagle2-style", 4, None, 0.0, (4, None)),             # --k alone: a chain
+    ("scylla", None, "3,3,8", 1.0, (6, "3,3,8")),
+    ("ngram", None, None, 0.0, (6, None)),
+    ("layerskip:3", "auto", None, 0.0, ("auto", None)),
+    ("none", None, None, 1.0, (6, None)),
+])
+def test_a_trained_head_drafts_a_small_tree_unless_told_otherwise(spec, k, tree, temperature, want):
+    from scylla.drafts import default_shape
+
+    assert default_shape(spec, k, tree, temperature) == want
