@@ -62,7 +62,7 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
                         "acceptance (default: 6 for ngram and layerskip; a trained head drafts a tree)")
     p.add_argument("--tree", default=None, metavar="D,K,N",
                    help="verify an EAGLE-2 draft tree of depth D, top-K expansion, N nodes (default for a "
-                        "trained head without --k: 2,3,5 at T = 0, 2,4,6 when sampling)")
+                        "trained head without --k: 2,3,5 at T = 0, 1,5,5 when sampling)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

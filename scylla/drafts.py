@@ -18,13 +18,14 @@ from scylla.proposals import Draft, DraftTree, logits_to_probs, sample
 
 NAMED_DRAFTS = ("scylla", "eagle3-style", "eagle2-style")
 COPY_SUFFIX = "+ngram"
-# A trained head's default: a small EAGLE-2 tree, depth 2. Its second and third guesses are
-# often right where the first is not, and on this CPU a 6-wide verify costs about what a
-# one-token forward does; deeper or bigger trees drafted and verified more than they gained.
-# Sampling (T > 0) spreads the target's mass, so a fourth first-level guess pays there.
-# Chosen on the 16 sweep prompts (docs/results.md, "Draft trees on the lean forward").
+# A trained head's default: a small EAGLE-2 tree. Its second and third guesses are often
+# right where the first is not, and on this CPU a 6-wide verify costs about what a one-token
+# forward does; deeper or bigger trees drafted and verified more than they gained. Sampling
+# (T > 0) accepts less past the first token, so there one level of five guesses, drafted by
+# a single head step, paid best. Chosen on the 16 sweep prompts (docs/results.md, "Draft
+# trees on the lean forward").
 HEAD_TREE = "tree:2,3,5"
-HEAD_TREE_SAMPLED = "tree:2,4,6"
+HEAD_TREE_SAMPLED = "tree:1,5,5"
 CHAIN_K = 6
 __all__ = ["Draft", "NgramDraft", "LayerSkipDraft", "CopyOrDraft", "make_draft", "check_draft_spec"]
 

@@ -127,7 +127,7 @@ def test_head_tree_keeps_the_top_k_children_and_the_best_scoring_nodes(tmp_path)
 
 @pytest.mark.parametrize("spec,k,tree,temperature,want", [
     ("scylla", None, None, 0.0, (6, "tree:2,3,5")),
-    ("eagle3-style", None, None, 1.0, (6, "tree:2,4,6")),   # sampling: one more first guess
+    ("eagle3-style", None, None, 1.0, (6, "tree:1,5,5")),   # sampling: one level of five guesses
     ("scylla+ngram", None, None, 0.0, (6, "tree:2,3,5")),
     ("eagle2-style", 4, None, 0.0, (4, None)),             # --k alone: a chain
     ("scylla", None, "3,3,8", 1.0, (6, "3,3,8")),
