@@ -37,7 +37,7 @@ if runs is not None and len(runs):
     shown = studio.apply_filters(runs, filters)
     main_cols = [c for c in ("created_at", "target", "quant", "draft", "draft_kind", "layers",
                              "tokens", "k", "batch", "temperature", "category", "n_prompts", "tau",
-                             "accept_rate", "tokens_per_s", "speedup", "throughput",
+                             "accept_rate", "tokens_per_s", "speedup", "spec_gain", "throughput",
                              "exact_match_rate", "id") if c in shown.columns]
     all_cols = st.toggle("Show every column", key="all_cols")
     st.caption(f"{len(shown)} of {len(runs)} runs")
@@ -45,7 +45,7 @@ if runs is not None and len(runs):
                  height=300, key="runs_table")
 
     st.subheader("Drafts by category")
-    metrics = [m for m in ("tau", "accept_rate", "speedup", "tokens_per_s") if m in shown.columns]
+    metrics = [m for m in ("tau", "accept_rate", "speedup", "spec_gain", "tokens_per_s") if m in shown.columns]
     metric = st.selectbox("Metric", metrics, key="cat_metric")
     per_cat = shown[shown["category"].notna() & (shown["category"] != "all")] \
         if "category" in shown.columns else shown

@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit metric = intercept + slope * ln(x) by OLS")
     f.add_argument("--db")
     f.add_argument("--axis", choices=["tokens", "layers", "batch"])
-    f.add_argument("--metric", choices=["tau", "accept_rate", "speedup", "throughput"])
+    f.add_argument("--metric", choices=["tau", "accept_rate", "speedup", "spec_gain", "throughput"])
     f.add_argument("--csv")
     f.add_argument("--x")
     f.add_argument("--y")

@@ -32,10 +32,10 @@ import pandas as pd
 
 from scylla import ScyllaError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 LOCK_WAIT_S = 5.0            # how long a connect retries a lock conflict before giving up
 AXES = ("tokens", "layers", "batch")
-METRICS = ("tau", "accept_rate", "speedup", "throughput")
+METRICS = ("tau", "accept_rate", "speedup", "spec_gain", "throughput")
 TABLES = ("runs", "trainings", "reference", "laws", "predictions")
 
 # New files are written in a storage format DuckDB >= 1.1 can read (the committed
@@ -86,7 +86,14 @@ _V2 = [
     "ALTER TABLE runs ADD COLUMN verify_ms DOUBLE",
 ]
 
-MIGRATIONS = {1: _V1, 2: _V2}
+# v3: the engine's own plain decoding in the same run, and speculation's gain over it
+# (`speedup` is over transformers `generate()`, which mixes the engine's speed into the gain).
+_V3 = [
+    "ALTER TABLE runs ADD COLUMN plain_tokens_per_s DOUBLE",
+    "ALTER TABLE runs ADD COLUMN spec_gain DOUBLE",
+]
+
+MIGRATIONS = {1: _V1, 2: _V2, 3: _V3}
 
 
 def schema_version(con) -> int:

@@ -22,7 +22,7 @@ from scylla import ScyllaError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 AXES = {"tokens": "draft pretraining tokens", "layers": "draft layers", "batch": "batch size"}
-METRICS = ("tau", "accept_rate", "speedup", "throughput")
+METRICS = ("tau", "accept_rate", "speedup", "spec_gain", "throughput")
 RUN_FILTER_COLUMNS = ("target", "quant", "draft", "draft_kind", "fusion", "category",
                       "prompt_set", "temperature", "shape", "k")
 GROUP_COLUMNS = ("draft_kind", "draft", "category", "target", "fusion", "shape", "temperature")

@@ -427,11 +427,12 @@ def report_rows(cfg: SweepConfig, point: dict, report: dict, spec: str, config_p
                "baseline_tokens_per_s": report["baseline_tokens_per_s"], "speedup": report["speedup"],
                "throughput": report["tokens_per_s"], "exact_match_rate": report["exact_match_rate"],
                "wall_s": report["wall_s"], "draft_ms": report["draft_ms_per_step"],
-               "verify_ms": report["verify_ms_per_step"]}
+               "verify_ms": report["verify_ms_per_step"], "plain_tokens_per_s": report["plain_tokens_per_s"],
+               "spec_gain": report["spec_gain"]}
     rows = [overall]
     for cat, c in sorted(report["by_category"].items()):
         rows.append({**base, "id": f"{pid}-{cat}", "category": cat, "n_prompts": c["n"], "tau": c["tau"],
-                     "accept_rate": c["accept_rate"], "speedup": c["speedup"]})
+                     "accept_rate": c["accept_rate"], "speedup": c["speedup"], "spec_gain": c["spec_gain"]})
     return rows
 
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import pandas as pd
 import pytest
 
 from scylla import ScyllaError
@@ -203,15 +204,28 @@ def test_migration_from_v1_file(tmp_path):
     con.close()
     store.init_db(path)
     con = duckdb.connect(str(path), read_only=True)
-    assert store.schema_version(con) == store.SCHEMA_VERSION == 2
-    assert {"notes", "draft_ms", "verify_ms"} <= set(store.table_columns(con, "runs"))
-    assert con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 2
+    assert store.schema_version(con) == store.SCHEMA_VERSION == 3
+    assert {"notes", "draft_ms", "verify_ms", "plain_tokens_per_s", "spec_gain"} <= set(store.table_columns(con, "runs"))
+    assert con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 3
     con.close()
     store.insert_run(path, a_run(id="new", notes="after v2", draft_ms=3.0))
     runs = store.runs_frame(path).set_index("id")
     assert sorted(runs.index) == ["new", "old"] and runs.loc["old", "tau"] == 1.5
     assert runs.loc["new", "notes"] == "after v2"
     assert store.store_summary(path)["counts"]["reference"] == 416
+
+
+def test_a_v2_file_gains_spec_gain_and_keeps_its_runs(tmp_path):
+    path = tmp_path / "v2.duckdb"
+    con = duckdb.connect(str(path))
+    assert store.migrate(con, target=2) == 2
+    con.execute("INSERT INTO runs (id, batch, tau, speedup) VALUES (?, ?, ?, ?)", ["v2", 4, 1.7, 2.3])
+    con.close()
+    store.insert_run(path, a_run(id="v3", batch=4, spec_gain=1.31, plain_tokens_per_s=52.0))
+    runs = store.runs_frame(path).set_index("id")
+    assert runs.loc["v3", "spec_gain"] == 1.31 and runs.loc["v3", "plain_tokens_per_s"] == 52.0
+    assert runs.loc["v2", "speedup"] == 2.3 and pd.isna(runs.loc["v2", "spec_gain"])
+    assert "spec_gain" in store.METRICS
 
 
 def test_newer_schema_refused(db):

@@ -98,6 +98,10 @@ def test_sweep_resumes_after_a_kill_without_loss_or_duplicates(tmp_path, tiny_ta
     assert len(overall) == 6 and runs["id"].is_unique
     assert set(first["id"]) <= set(runs["id"])  # nothing finished before the kill was lost
     assert (overall["exact_match_rate"] == 1.0).all()
+    # speculation's gain over the engine's own plain decoding, stored beside it
+    gain = overall["tokens_per_s"] / overall["plain_tokens_per_s"]
+    assert overall["spec_gain"].notna().all() and ((gain - overall["spec_gain"]).abs() < 1e-3).all()
+    assert runs.loc[runs["category"] != "all", "spec_gain"].notna().all()
 
 
 def test_a_retrained_draft_gets_new_run_ids(tmp_path):
