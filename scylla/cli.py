@@ -62,7 +62,8 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
                         "acceptance (default: 6 for ngram and layerskip; a trained head drafts a tree)")
     p.add_argument("--tree", default=None, metavar="D,K,N",
                    help="verify an EAGLE-2 draft tree of depth D, top-K expansion, N nodes (default for a "
-                        "trained head without --k: 2,3,5 at T = 0, 1,5,5 when sampling)")
+                        "trained head without --k, one row: 2,3,5 at T = 0, 1,5,5 when sampling; "
+                        "several rows: a chain, k auto)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -213,7 +214,8 @@ def check_flags(args) -> None:
     from scylla.models import QUANTS
 
     check_draft_spec(args.draft)
-    args.k, args.tree = default_shape(args.draft, args.k, args.tree, args.temperature)
+    args.k, args.tree = default_shape(args.draft, args.k, args.tree, args.temperature,
+                                     getattr(args, "batch_size", 1))
     check_decode_args(args.max_new_tokens, args.temperature, args.top_p, args.k)
     if args.tree:
         from scylla.decoding import TreeShape

@@ -221,11 +221,15 @@ def is_head_spec(spec: str) -> bool:
     return base not in ("", "none", "ngram") and not base.startswith("layerskip:")
 
 
-def default_shape(spec: str, k: int | str | None, tree: str | None,
-                  temperature: float = 0.0) -> tuple[int | str, str | None]:
+def default_shape(spec: str, k: int | str | None, tree: str | None, temperature: float = 0.0,
+                  batch: int = 1) -> tuple[int | str, str | None]:
     """Fill in what the user left out: --k alone means a chain of k; neither means a head's
-    default tree, or a chain of CHAIN_K for the other drafts."""
+    default tree (one row), a chain with k chosen per step (several rows: a batched verify
+    turns compute-bound, and `auto` stops drafting where it does not pay), or a chain of
+    CHAIN_K for the other drafts."""
     if tree is None and k is None and is_head_spec(spec):
+        if batch > 1:
+            return "auto", None
         return CHAIN_K, HEAD_TREE if temperature <= 0 else HEAD_TREE_SAMPLED
     return (CHAIN_K if k is None else k), tree
 

@@ -125,17 +125,18 @@ def test_head_tree_keeps_the_top_k_children_and_the_best_scoring_nodes(tmp_path)
     assert len(small) == 5 and set(paths(small)) == set(best5)
 
 
-@pytest.mark.parametrize("spec,k,tree,temperature,want", [
-    ("scylla", None, None, 0.0, (6, "tree:2,3,5")),
-    ("eagle3-style", None, None, 1.0, (6, "tree:1,5,5")),   # sampling: one level of five guesses
-    ("scylla+ngram", None, None, 0.0, (6, "tree:2,3,5")),
-    ("eagle2-style", 4, None, 0.0, (4, None)),             # --k alone: a chain
-    ("scylla", None, "3,3,8", 1.0, (6, "3,3,8")),
-    ("ngram", None, None, 0.0, (6, None)),
-    ("layerskip:3", "auto", None, 0.0, ("auto", None)),
-    ("none", None, None, 1.0, (6, None)),
+@pytest.mark.parametrize("spec,k,tree,temperature,batch,want", [
+    ("scylla", None, None, 0.0, 1, (6, "tree:2,3,5")),
+    ("scylla", None, None, 0.0, 8, ("auto", None)),          # several rows: chains, k auto
+    ("eagle3-style", None, None, 1.0, 1, (6, "tree:1,5,5")),  # sampling: one level of five guesses
+    ("scylla+ngram", None, None, 0.0, 1, (6, "tree:2,3,5")),
+    ("eagle2-style", 4, None, 0.0, 1, (4, None)),             # --k alone: a chain
+    ("scylla", None, "3,3,8", 1.0, 4, (6, "3,3,8")),          # --tree alone: that tree
+    ("ngram", None, None, 0.0, 1, (6, None)),
+    ("layerskip:3", "auto", None, 0.0, 1, ("auto", None)),
+    ("none", None, None, 1.0, 2, (6, None)),
 ])
-def test_a_trained_head_drafts_a_small_tree_unless_told_otherwise(spec, k, tree, temperature, want):
+def test_a_trained_head_drafts_a_small_tree_unless_told_otherwise(spec, k, tree, temperature, batch, want):
     from scylla.drafts import default_shape
 
-    assert default_shape(spec, k, tree, temperature) == want
+    assert default_shape(spec, k, tree, temperature, batch) == want
