@@ -221,6 +221,11 @@ def is_head_spec(spec: str) -> bool:
     return base not in ("", "none", "ngram") and not base.startswith("layerskip:")
 
 
+def head_tree(temperature: float) -> str:
+    """A trained head's default tree for one row at this temperature."""
+    return HEAD_TREE if temperature <= 0 else HEAD_TREE_SAMPLED
+
+
 def default_shape(spec: str, k: int | str | None, tree: str | None, temperature: float = 0.0,
                   batch: int = 1) -> tuple[int | str, str | None]:
     """Fill in what the user left out: --k alone means a chain of k; neither means a head's
@@ -230,7 +235,7 @@ def default_shape(spec: str, k: int | str | None, tree: str | None, temperature:
     if tree is None and k is None and is_head_spec(spec):
         if batch > 1:
             return "auto", None
-        return CHAIN_K, HEAD_TREE if temperature <= 0 else HEAD_TREE_SAMPLED
+        return CHAIN_K, head_tree(temperature)
     return (CHAIN_K if k is None else k), tree
 
 

@@ -437,11 +437,13 @@ class HeadDraft(Draft):
         drafted, rows, confidence = [], [], []
         for j in range(k):
             logits = lean.logits(hidden)
-            probs = logits_to_probs(logits[None], temperature, top_p)[0]
-            pick = int(logits.argmax()) if temperature <= 0 else sample(probs, generator)
+            if temperature > 0:   # greedy drafts carry no q, so no sampling rows
+                rows.append(logits_to_probs(logits[None], temperature, top_p)[0])
+                pick = sample(rows[-1], generator)
+            else:
+                pick = int(logits.argmax())
             tok = int(lean.to_target_ids(torch.tensor(pick)))
             drafted.append(tok)
-            rows.append(probs)
             confidence.append(float(torch.softmax(logits, -1)[pick]))
             if j + 1 < k:
                 x = lean.step_inputs(hidden[None], torch.tensor([tok]), fused=True)

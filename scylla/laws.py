@@ -529,7 +529,7 @@ def fit_command(args) -> dict:
         from scylla import store
         axis, metric = getattr(args, "axis", None), getattr(args, "metric", None)
         if not axis or not metric:
-            raise ScyllaError("--db needs --axis (tokens|layers|batch) and --metric (tau|accept_rate|speedup|spec_gain|throughput)")
+            raise ScyllaError(f"--db needs --axis ({'|'.join(store.AXES)}) and --metric ({'|'.join(store.METRICS)})")
         points = store.axis_points(db, axis, metric, filters)
         label = {"source": "db", "db": str(db), "axis": axis, "metric": metric}
         ids = points["id"].tolist() if "id" in points else []

@@ -12,6 +12,7 @@ drafting; the engine and the drafts use `forward`, `KVCache.keep` and `KVCache.s
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -56,6 +57,7 @@ class Linear:
         return F.linear(x, self.weight)
 
 
+@functools.cache
 def cpu_flags() -> str:
     try:
         return open("/proc/cpuinfo").read()

@@ -138,10 +138,10 @@ def default_shape(kind: str) -> str:
 
 def default_tree(temperature: float = 0.0) -> tuple[int, int, int]:
     """(depth, top-k, nodes) of the heads' default tree at this temperature."""
-    from scylla.drafts import HEAD_TREE, HEAD_TREE_SAMPLED
+    from scylla.drafts import head_tree
     from scylla.proposals import TreeShape
 
-    shape = TreeShape.parse(HEAD_TREE if temperature <= 0 else HEAD_TREE_SAMPLED)
+    shape = TreeShape.parse(head_tree(temperature))
     return shape.depth, shape.topk, shape.total
 
 

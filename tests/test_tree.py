@@ -4,10 +4,8 @@ from __future__ import annotations
 import math
 import random
 
-import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 from scylla import ScyllaError
 from scylla.decoding import DraftTree, TreeShape, generate_ids, prefill_prompt
@@ -78,7 +76,9 @@ def test_tree_mask_sees_the_context_and_own_ancestors_only():
     assert allowed[2, 3:].tolist() == [False, True, False, False]
 
 
-def test_head_tree_of_width_one_is_the_head_chain(tmp_path):
+def head_twins_at_one_context(tmp_path):
+    """An untrained head and its fork, both having observed one prefilled prompt, and the
+    context (prompt + one token) they draft after."""
     target = tiny_target()
     draft = head_draft(target, tmp_path)
     prompt = [5, 9, 33, 12, 40, 7]
@@ -86,7 +86,11 @@ def test_head_tree_of_width_one_is_the_head_chain(tmp_path):
     state = prefill_prompt(target, prompt)
     for d in (draft, twin):
         d.observe(prompt, state.features_of(d.feature_layers))
-    context = prompt + [17]
+    return draft, twin, prompt + [17]
+
+
+def test_head_tree_of_width_one_is_the_head_chain(tmp_path):
+    draft, twin, context = head_twins_at_one_context(tmp_path)
     chain, _ = draft.propose(context, 5, 0.0, 1.0, None)
     tree = twin.propose_tree(context, TreeShape(5, 1, 5), 0.0, 1.0, None)
     assert tree.tokens == chain and tree.parents == [-1, 0, 1, 2, 3]
@@ -101,14 +105,7 @@ def test_bad_tree_shapes_are_refused(spec):
 def test_head_tree_keeps_the_top_k_children_and_the_best_scoring_nodes(tmp_path):
     """Depth 1 holds the head's top-k tokens at the root; the kept nodes are the `total`
     best by cumulative draft log-prob (one batched projection per level must not change them)."""
-    target = tiny_target()
-    draft = head_draft(target, tmp_path)
-    prompt = [5, 9, 33, 12, 40, 7]
-    twin = draft.fork()
-    state = prefill_prompt(target, prompt)
-    for d in (draft, twin):
-        d.observe(prompt, state.features_of(d.feature_layers))
-    context = prompt + [17]
+    draft, twin, context = head_twins_at_one_context(tmp_path)
     root = twin.catch_up(context)
     top3 = twin.lean.to_target_ids(twin.lean.logits(root[None])[0].topk(3).indices).tolist()
     wide = draft.propose_tree(context, TreeShape(3, 3, 39), 0.0, 1.0, None)
