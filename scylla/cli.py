@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--arch", choices=["eagle", "eagle3"], default="eagle",
                    help="eagle3: EAGLE-3's first layer (one layer, multi fusion, reduced vocabulary); "
                         "exports for vLLM and SGLang")
+    t.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="matmul precision while training (weights stay fp32); auto: bf16 where the "
+                        "CPU or GPU multiplies bf16 natively")
     t.add_argument("--out", help="output folder (default: cache/drafts/NAME)")
     t.add_argument("--db", help="store the training record in this results.duckdb")
 

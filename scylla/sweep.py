@@ -28,7 +28,7 @@ from scylla import ScyllaError
 
 GRID_KEYS = {"tokens", "layers", "batch", "temperature", "k", "draft", "tree"}
 TOP_KEYS = {"name", "target", "prompts", "limit", "max_new_tokens", "seed", "grid", "train"}
-TRAIN_KEYS = {"fusion", "draft_vocab", "ttt", "seed", "corpus", "lr", "arch"}
+TRAIN_KEYS = {"fusion", "draft_vocab", "ttt", "seed", "corpus", "lr", "arch", "precision"}
 
 
 @dataclass
@@ -74,6 +74,8 @@ def load_config(path: str) -> SweepConfig:
     if set(train) - TRAIN_KEYS:
         raise ScyllaError(f"{path}: unknown [train] key(s) {sorted(set(train) - TRAIN_KEYS)}")
     check_train_arch(train, grid, path)
+    if train.get("precision", "auto") not in ("auto", "bf16", "fp32"):
+        raise ScyllaError(f"{path}: [train] precision must be auto, bf16 or fp32, got {train['precision']!r}")
     cfg = SweepConfig(name=str(raw.get("name", Path(path).stem)),
                       prompts=str(raw.get("prompts", "assets/eval_prompts.jsonl")),
                       limit=int(raw.get("limit", 16)), max_new_tokens=int(raw.get("max_new_tokens", 64)),
@@ -398,7 +400,7 @@ def ensure_draft(cfg: SweepConfig, point: dict, target) -> tuple[Path, dict | No
     tcfg = TrainConfig(tokens=point["tokens"], layers=point["layers"], fusion=t.get("fusion", "multi"),
                        draft_vocab=t.get("draft_vocab", 8192), ttt_steps=t.get("ttt", 3),
                        seed=t.get("seed", 0), lr=t.get("lr", 1e-3), kind="scylla-sweep",
-                       arch=t.get("arch", "eagle"))
+                       arch=t.get("arch", "eagle"), precision=t.get("precision", "auto"))
     seqs = load_feature_sequences(ensure_features(target, t.get("corpus", "mix")))
     record = train_head(target, seqs, tcfg, folder, target.name)
     row = {**training_row(record), "target": target.name, "corpus": t.get("corpus", "mix"),

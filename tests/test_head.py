@@ -11,7 +11,8 @@ from scylla.data import features_of
 from scylla.decoding import generate_ids
 from scylla.head import HeadDraft, export_head, load_head, save_head
 from scylla.train import (TrainConfig, check_train_config, collate, draft_vocab_map, feature_columns,
-                          head_loss, last_columns, make_head, stored_layers, token_stream, train_head)
+                          head_loss, last_columns, length_grouped, make_head, resolved_precision, stored_layers,
+                          token_stream, train_head)
 from tests.conftest import tiny_target
 from tests.test_engine import plain_greedy
 
@@ -117,7 +118,8 @@ def test_mismatched_target_and_corrupt_files_are_refused(tmp_path):
         load_head(tmp_path / "missing", target.model)
 
 
-@pytest.mark.parametrize("bad", [dict(tokens=10), dict(layers=9), dict(fusion="mid"), dict(ttt_steps=0)])
+@pytest.mark.parametrize("bad", [dict(tokens=10), dict(layers=9), dict(fusion="mid"), dict(ttt_steps=0),
+                                 dict(precision="fp8")])
 def test_bad_training_config_is_refused(bad):
     with pytest.raises(ScyllaError):
         check_train_config(tiny_cfg(**bad))
@@ -231,6 +233,44 @@ def test_decoding_past_the_trained_positions_warns_once(tmp_path):
     draft.head.cfg.max_positions = 16
     with pytest.warns(DraftPositionWarning, match="trained on positions < 16"):
         generate_ids(target, draft, list(range(3, 23)), max_new_tokens=6, k=2)
+
+
+def padding(batches) -> int:
+    return sum(max(len(x["tokens"]) for x in b) * len(b) - sum(len(x["tokens"]) for x in b) for b in batches)
+
+
+def test_length_grouped_batches_keep_every_sequence_and_cut_padding():
+    rng = random.Random(3)   # lengths skewed as the corpus's: mostly short, a tail to 2,048
+    items = [{"tokens": torch.zeros(min(2048, 2 + int(rng.expovariate(1 / 350))))} for _ in range(203)]
+    batches = list(length_grouped(iter(items), 4, seed=0))
+    assert sorted(id(x) for b in batches for x in b) == sorted(id(x) for x in items)
+    assert sum(len(b) != 4 for b in batches) == 1   # 203 = 50 * 4 + 3
+    assert padding(batches) < 0.2 * padding([items[i:i + 4] for i in range(0, len(items), 4)])
+    again = list(length_grouped(iter(items), 4, seed=0))
+    assert [[id(x) for x in b] for b in again] == [[id(x) for x in b] for b in batches]
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    import scylla.lean
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(scylla.lean, "cpu_has_bf16", lambda: False)
+    assert resolved_precision("auto") == "fp32"
+    monkeypatch.setattr(scylla.lean, "cpu_has_bf16", lambda: True)
+    assert resolved_precision("auto") == "bf16"
+    assert resolved_precision("fp32") == "fp32"
+
+
+def test_bf16_training_runs_in_bf16_and_still_learns(tmp_path):
+    target = tiny_target()
+    target.model.float()   # autocast leaves the tiny target's float64 alone
+    seqs = feature_seqs(target, n=30)
+    runs = {p: train_head(target, seqs, tiny_cfg(tokens=1500, precision=p), tmp_path / p, "t") for p in ("fp32", "bf16")}
+    assert runs["bf16"]["precision"] == "bf16" and runs["fp32"]["precision"] == "fp32"
+    assert abs(runs["bf16"]["final_loss"] - runs["fp32"]["final_loss"]) < 0.15 * runs["fp32"]["final_loss"]
+    w32 = load_head(tmp_path / "fp32", target.model).fuse.weight
+    w16 = load_head(tmp_path / "bf16", target.model).fuse.weight
+    assert w16.dtype == torch.float32 and not torch.equal(w16, w32)   # fp32 weights, bf16 products
 
 
 def test_training_record_names_no_machine_path(tmp_path):

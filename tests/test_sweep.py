@@ -32,6 +32,7 @@ def write(tmp_path, text, name="s.toml"):
     ('[grid]\ndraft = ["ngram"]\nbatch = [0]', "impossible"),
     ('[grid\n', "invalid config"),
     ('prompts = "nope.jsonl"\n[grid]\ndraft = ["ngram"]', "not found"),
+    ('[grid]\ntokens = [1024]\n[train]\nprecision = "fp8"', "precision must be"),
 ])
 def test_config_errors_are_reported_before_any_work(tmp_path, text, needle):
     with pytest.raises(ScyllaError, match=needle):
