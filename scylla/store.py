@@ -32,7 +32,7 @@ import pandas as pd
 
 from scylla import ScyllaError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 LOCK_WAIT_S = 5.0            # how long a connect retries a lock conflict before giving up
 AXES = ("tokens", "layers", "batch")
 METRICS = ("tau", "accept_rate", "speedup", "spec_gain", "throughput")
@@ -93,7 +93,13 @@ _V3 = [
     "ALTER TABLE runs ADD COLUMN spec_gain DOUBLE",
 ]
 
-MIGRATIONS = {1: _V1, 2: _V2, 3: _V3}
+# v4: a sweep's trained draft is named by its cache folder (sweep-<key>), never by a path
+# on the machine that trained it (sweeps stored the absolute folder until then)
+_V4 = [
+    "UPDATE runs SET draft = regexp_extract(draft, '[^/]+$') WHERE draft LIKE '/%'",
+]
+
+MIGRATIONS = {1: _V1, 2: _V2, 3: _V3, 4: _V4}
 
 
 def schema_version(con) -> int:

@@ -408,11 +408,17 @@ def ensure_draft(cfg: SweepConfig, point: dict, target) -> tuple[Path, dict | No
     return folder, row
 
 
+def draft_label(spec: str) -> str:
+    """What the store names a draft: a trained point's cache folder by its name (sweep-<key>),
+    never by a path on this machine; a named or untrained draft by its spec."""
+    return Path(spec).name if Path(spec).is_absolute() else spec
+
+
 def report_rows(cfg: SweepConfig, point: dict, report: dict, spec: str, config_path: str) -> list[dict]:
     from scylla.head import read_config
 
     base = {"command": f"scylla sweep {config_path}", "device": report["device"], "target": report["target"],
-            "quant": report["quant"], "draft": spec, "temperature": point["temperature"], "top_p": 1.0,
+            "quant": report["quant"], "draft": draft_label(spec), "temperature": point["temperature"], "top_p": 1.0,
             "shape": report["shape"], "k": point["k"] if point["k"] != "auto" and "tree" not in point else None,
             "batch": point["batch"], "prompt_set": Path(cfg.prompts).name,
             "notes": f"mean draft length per step {report['k_mean']}" if point["k"] == "auto" else None}

@@ -204,9 +204,9 @@ def test_migration_from_v1_file(tmp_path):
     con.close()
     store.init_db(path)
     con = duckdb.connect(str(path), read_only=True)
-    assert store.schema_version(con) == store.SCHEMA_VERSION == 3
+    assert store.schema_version(con) == store.SCHEMA_VERSION == 4
     assert {"notes", "draft_ms", "verify_ms", "plain_tokens_per_s", "spec_gain"} <= set(store.table_columns(con, "runs"))
-    assert con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 3
+    assert con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 4
     con.close()
     store.insert_run(path, a_run(id="new", notes="after v2", draft_ms=3.0))
     runs = store.runs_frame(path).set_index("id")
@@ -226,6 +226,19 @@ def test_a_v2_file_gains_spec_gain_and_keeps_its_runs(tmp_path):
     assert runs.loc["v3", "spec_gain"] == 1.31 and runs.loc["v3", "plain_tokens_per_s"] == 52.0
     assert runs.loc["v2", "speedup"] == 2.3 and pd.isna(runs.loc["v2", "spec_gain"])
     assert "spec_gain" in store.METRICS
+
+
+def test_v4_names_sweep_drafts_by_their_folder_not_a_machine_path(tmp_path):
+    path = tmp_path / "v3.duckdb"
+    con = duckdb.connect(str(path))
+    assert store.migrate(con, target=3) == 3
+    con.executemany("INSERT INTO runs (id, draft) VALUES (?, ?)",
+                    [["swept", "/root/.cache/scylla/drafts/sweep-38c27b0e8ded"], ["named", "scylla+ngram"],
+                     ["relative", "runs/drafts/mine"]])
+    con.close()
+    store.init_db(path)
+    drafts = store.runs_frame(path).set_index("id")["draft"]
+    assert drafts.to_dict() == {"swept": "sweep-38c27b0e8ded", "named": "scylla+ngram", "relative": "runs/drafts/mine"}
 
 
 def test_newer_schema_refused(db):

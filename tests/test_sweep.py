@@ -117,3 +117,10 @@ def test_a_retrained_draft_gets_new_run_ids(tmp_path):
     after = [point_id(cfg, p) for p in points]
     changed = {p["draft"]: a != b for p, a, b in zip(points, before, after)}
     assert changed == {str(folder): True, "ngram": False}
+
+
+def test_stored_rows_name_a_trained_draft_by_its_folder_not_its_path(tmp_path):
+    from scylla.sweep import draft_label
+
+    assert draft_label(str(tmp_path / "drafts" / "sweep-38c27b0e8ded")) == "sweep-38c27b0e8ded"
+    assert draft_label("scylla+ngram") == "scylla+ngram" and draft_label("layerskip:4") == "layerskip:4"
