@@ -76,8 +76,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 def resolved_precision(precision: str) -> str:
     """auto: bf16 autocast where the hardware multiplies bf16 natively (a CUDA GPU that
-    supports it, a CPU with avx512_bf16 or AMX), where it trained 2.5x faster than fp32 on
-    this CPU; fp32 elsewhere, where emulated bf16 is slower."""
+    supports it, a CPU with avx512_bf16 or AMX; a training step ran 2.5x faster than fp32 on
+    this CPU); fp32 elsewhere, where emulated bf16 is slower."""
     if precision != "auto":
         return precision
     from scylla.lean import cpu_has_bf16
