@@ -74,8 +74,7 @@ def load_config(path: str) -> SweepConfig:
     if set(train) - TRAIN_KEYS:
         raise ScyllaError(f"{path}: unknown [train] key(s) {sorted(set(train) - TRAIN_KEYS)}")
     check_train_arch(train, grid, path)
-    if train.get("precision", "auto") not in ("auto", "bf16", "fp32"):
-        raise ScyllaError(f"{path}: [train] precision must be auto, bf16 or fp32, got {train['precision']!r}")
+    check_train_precision(train, path)
     cfg = SweepConfig(name=str(raw.get("name", Path(path).stem)),
                       prompts=str(raw.get("prompts", "assets/eval_prompts.jsonl")),
                       limit=int(raw.get("limit", 16)), max_new_tokens=int(raw.get("max_new_tokens", 64)),
@@ -122,6 +121,16 @@ def check_train_arch(train: dict, grid: dict, path: str) -> None:
             check_arch(probe)
         except ScyllaError as exc:
             raise ScyllaError(f"{path}: [train] {exc}") from None
+
+
+def check_train_precision(train: dict, path: str) -> None:
+    if "precision" not in train:
+        return
+    from scylla.train import PRECISIONS
+
+    if train["precision"] not in PRECISIONS:
+        raise ScyllaError(f"{path}: [train] precision must be one of {', '.join(PRECISIONS)}, "
+                          f"got {train['precision']!r}")
 
 
 def is_tree_shape(value) -> bool:

@@ -34,6 +34,9 @@ def stored_layers(n_layers: int) -> list[int]:
     return [2, n_layers // 2, n_layers - 3, n_layers]
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
 @dataclass
 class TrainConfig:
     tokens: int
@@ -69,9 +72,6 @@ def check_train_config(cfg: TrainConfig) -> None:
     if cfg.precision not in PRECISIONS:
         raise ScyllaError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     check_arch(cfg)
-
-
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def resolved_precision(precision: str) -> str:
