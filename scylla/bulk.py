@@ -146,6 +146,22 @@ def bulk_generate(lm: LeanLM, prompts: list[list[int]], max_new_tokens: int, eos
     return answers
 
 
+def plain_answers(target, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                  top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+    """Plain answers to one batch (corpus answers, Magpie requests): decode_group on the lean
+    forward, measured faster than the engine's row-by-row loop (scripts/corpus_speed.py);
+    the engine where the target runs transformers' forward."""
+    if not isinstance(target.forward, LeanLM):
+        from scylla.decoding import batch_generate_ids
+
+        return batch_generate_ids(target, None, prompts, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, seed=seed)[0]
+    generator = torch.Generator(device=target.forward.device).manual_seed(seed)
+    pad_id = target.tokenizer.pad_token_id or 0
+    return decode_group(target.forward, prompts, max_new_tokens, temperature, top_p, generator,
+                        target.eos_ids, pad_id, prefill_tokens=8192)   # bounded prompt activations on a CPU
+
+
 # ---------------------------------------------------------------- features on the fly
 
 @torch.no_grad()

@@ -180,8 +180,16 @@ def draw_tranche(target, n: int, seed: int, have: list[dict], shares: dict, prog
     kept = {name: [p for p in sources.dedup(rows, banned) if p["question_id"] not in known][:int(n * shares[name]) + 1]
             for name, rows in raw.items()}
     added = sources.dedup([p for rows in kept.values() for p in rows], banned)
+    drawn = {name: len(rows) for name, rows in raw.items()}
+    short = n - len(added)
+    if short > 0:   # a source ran dry (the templates repeat after a few thousand): Magpie fills the gap
+        extra = sources.magpie_prompts(target, int(short * 1.15) + 8, seed + 1000, batch=magpie_batch,
+                                       max_new_tokens=magpie_tokens, progress=progress)
+        drawn["magpie"] += len(extra)
+        banned += [sources.shingles(p["prompt"]) for p in added]
+        added += sources.dedup([p for p in extra if p["question_id"] not in known], banned)[:short]
     random.Random(seed).shuffle(added)
-    return added, {name: len(rows) for name, rows in raw.items()}
+    return added, drawn
 
 
 def read_provenance() -> dict:
@@ -221,7 +229,7 @@ def done_ids(path: Path) -> set[str]:
 def build_answers(target, n_prompts: int, max_new_tokens: int = 256, batch: int = 16, seed: int = 0,
                   max_prompt_tokens: int = 1792) -> Path:
     """Answer every prompt of the set; resumable; a progress bar with answer tokens/s."""
-    from scylla.decoding import batch_generate_ids
+    from scylla.bulk import plain_answers
     from scylla.models import encode_prompt
 
     restore_snapshot()
@@ -237,8 +245,7 @@ def build_answers(target, n_prompts: int, max_new_tokens: int = 256, batch: int 
             out.open("a") as sink:
         for chunk in length_sorted_batches(encoded, batch):
             temperature = 1.0 if zlib.crc32(chunk[0][0]["question_id"].encode()) % 4 == 0 else 0.0
-            ids, _ = batch_generate_ids(target, None, [e for _, e in chunk], max_new_tokens=max_new_tokens,
-                                        temperature=temperature, seed=seed)
+            ids = plain_answers(target, [e for _, e in chunk], max_new_tokens, temperature, seed=seed)
             for (p, enc), answer in zip(chunk, ids):
                 sink.write(json.dumps({"question_id": p["question_id"], "source": p["source"],
                                        "category": p["category"], "temperature": temperature,

@@ -203,13 +203,13 @@ def usable_request(text: str) -> bool:
 def magpie_prompts(target, n: int, seed: int = 0, batch: int = 32, max_new_tokens: int = 96,
                    progress=None) -> list[dict]:
     """n user requests written by the target itself (T = 1, top-p 0.95), filtered."""
-    from scylla.decoding import batch_generate_ids
+    from scylla.bulk import plain_answers
 
     opening = magpie_opening(target.tokenizer)
     out, attempt = [], 0
     while len(out) < n and attempt < 4 * n // batch + 4:
-        ids, _ = batch_generate_ids(target, None, [opening] * batch, max_new_tokens=max_new_tokens,
-                                    temperature=1.0, top_p=0.95, seed=seed * 100003 + attempt)
+        ids = plain_answers(target, [opening] * batch, max_new_tokens, temperature=1.0, top_p=0.95,
+                            seed=seed * 100003 + attempt)
         attempt += 1
         for row in ids:
             text = target.tokenizer.decode(row, skip_special_tokens=True)

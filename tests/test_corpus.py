@@ -108,3 +108,31 @@ def test_a_grown_corpus_reopens_its_feature_cache_keeping_all_but_the_cut_tail(t
     assert reopen_for_growth(tmp_path, 52)
     assert not (tmp_path / "DONE").exists()
     assert sorted(p.name for p in tmp_path.glob("shard-*")) == ["shard-0000.safetensors", "shard-0001.safetensors"]
+
+
+def test_greedy_corpus_answers_are_the_engines_answers(chat_target, small_long_texts):
+    """build_answers runs bulk.decode_group (faster on the lean forward); a greedy answer is
+    still exactly what the engine's plain decoding gives for the same prompt ids."""
+    from scylla.decoding import batch_generate_ids
+
+    corpus.build_prompt_set(chat_target, 10, **CHEAP_MAGPIE)
+    corpus.build_answers(chat_target, 10, max_new_tokens=6, batch=4)
+    greedy = [r for r in corpus.read_answers() if r["temperature"] == 0.0]
+    assert greedy
+    for row in greedy:
+        expected, _ = batch_generate_ids(chat_target, None, [row["prompt_ids"]], max_new_tokens=6)
+        assert row["answer_ids"] == expected[0]
+
+
+def test_a_source_that_runs_dry_is_made_up_by_magpie(chat_target, monkeypatch):
+    def requests(target, n, seed=0, **_):
+        return [{"prompt": f"Request {seed} number {i}: " + " ".join(f"w{seed}_{i}_{j}" for j in range(12)),
+                 "category": "magpie", "source": "magpie", "question_id": f"magpie-{seed}-{i}"} for i in range(n)]
+
+    monkeypatch.setattr(sources, "magpie_prompts", requests)
+    monkeypatch.setattr(sources, "template_prompts", lambda n, seed=0: [])   # the templates are spent
+    monkeypatch.setattr(sources, "longtext_prompts", lambda n, seed=0: [])
+    prompts = corpus.build_prompt_set(chat_target, 40, seed=0)
+    assert len(prompts) == 40 and len({p["question_id"] for p in prompts}) == 40
+    record = json.loads((corpus.answers_dir() / "provenance.json").read_text())
+    assert record["tranches"][0]["sources"]["magpie"]["kept"] == 40
