@@ -30,10 +30,10 @@ def engine_answers(target, batches, max_new_tokens: int) -> list[list[int]]:
 
 
 def bulk_answers(target, batches, max_new_tokens: int) -> list[list[int]]:
+    """What build-corpus now runs (bulk.plain_answers), greedy."""
     out = []
     for chunk in batches:
-        out += bulk.decode_group(target.forward, [e for _, e in chunk], max_new_tokens, 0.0, 1.0, None,
-                                 target.eos_ids, target.tokenizer.pad_token_id or 0, 65536)
+        out += bulk.plain_answers(target, [e for _, e in chunk], max_new_tokens)
     return out
 
 
