@@ -238,7 +238,8 @@ def build_answers(target, n_prompts: int, max_new_tokens: int = 256, batch: int 
                                    progress=lambda n: magpie_bar.update(n - magpie_bar.n))
     out = answers_dir() / "answers.jsonl"
     drop_cut_line(out)
-    todo = [p for p in prompts if p["question_id"] not in done_ids(out)]
+    answered = done_ids(out)
+    todo = [p for p in prompts if p["question_id"] not in answered]
     encoded = [(p, encode_prompt(target, p["prompt"])[-max_prompt_tokens:]) for p in todo]
     start, made = time.time(), 0
     with tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="answers", unit="prompt") as bar, \

@@ -142,6 +142,13 @@ class FeatureHead(nn.Module):
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return self.d2t[draft_ids] if self.head is not None else draft_ids
 
+    @torch.no_grad()
+    def target_probs(self, last: torch.Tensor) -> torch.Tensor:
+        """The target's next-token distribution from its own normed last hidden state, over
+        the draft vocabulary and renormalised there: EAGLE-3's soft training labels."""
+        rows = self.lm_head.weight if self.head is None else self.lm_head.weight[self.d2t]
+        return torch.softmax(last @ rows.to(last.dtype).T, dim=-1)
+
     def full_vocab_probs(self, probs: torch.Tensor) -> torch.Tensor:
         if self.head is None:
             return probs

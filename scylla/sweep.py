@@ -28,7 +28,7 @@ from scylla import ScyllaError
 
 GRID_KEYS = {"tokens", "layers", "batch", "temperature", "k", "draft", "tree"}
 TOP_KEYS = {"name", "target", "prompts", "limit", "max_new_tokens", "seed", "grid", "train"}
-TRAIN_KEYS = {"fusion", "draft_vocab", "ttt", "seed", "corpus", "lr", "arch", "precision"}
+TRAIN_KEYS = {"fusion", "draft_vocab", "ttt", "seed", "corpus", "lr", "arch", "precision", "labels"}
 
 
 @dataclass
@@ -74,7 +74,7 @@ def load_config(path: str) -> SweepConfig:
     if set(train) - TRAIN_KEYS:
         raise ScyllaError(f"{path}: unknown [train] key(s) {sorted(set(train) - TRAIN_KEYS)}")
     check_train_arch(train, grid, path)
-    check_train_precision(train, path)
+    check_train_choices(train, path)
     cfg = SweepConfig(name=str(raw.get("name", Path(path).stem)),
                       prompts=str(raw.get("prompts", "assets/eval_prompts.jsonl")),
                       limit=int(raw.get("limit", 16)), max_new_tokens=int(raw.get("max_new_tokens", 64)),
@@ -123,14 +123,14 @@ def check_train_arch(train: dict, grid: dict, path: str) -> None:
             raise ScyllaError(f"{path}: [train] {exc}") from None
 
 
-def check_train_precision(train: dict, path: str) -> None:
-    if "precision" not in train:
-        return
-    from scylla.train import PRECISIONS
+def check_train_choices(train: dict, path: str) -> None:
+    """[train] precision and labels take one of their named values."""
+    from scylla.train import LABELS, PRECISIONS
 
-    if train["precision"] not in PRECISIONS:
-        raise ScyllaError(f"{path}: [train] precision must be one of {', '.join(PRECISIONS)}, "
-                          f"got {train['precision']!r}")
+    for key, allowed in (("precision", PRECISIONS), ("labels", LABELS)):
+        if key in train and train[key] not in allowed:
+            raise ScyllaError(f"{path}: [train] {key} must be one of {', '.join(allowed)}, "
+                              f"got {train[key]!r}")
 
 
 def is_tree_shape(value) -> bool:
@@ -232,9 +232,15 @@ def sweep_command(args) -> int:
 
     init_db(args.db)
     target = load_target(cfg.target)
-    for point in tqdm(todo, desc=f"sweep {cfg.name}", unit="point"):
+    for point in tqdm(local_order(cfg, todo), desc=f"sweep {cfg.name}", unit="point"):
         run_point(cfg, point, target, args.db, args.config)
     return 0
+
+
+def local_order(cfg: SweepConfig, points: list[dict]) -> list[dict]:
+    """Each draft measured at all its points before the next one trains: a sweep stopped early
+    leaves whole drafts, and the grid's first (smallest) draft comes first."""
+    return [p for queue in draft_queues(cfg, points) for p in queue]
 
 
 def run_point(cfg: SweepConfig, point: dict, target, db: str, config_path: str) -> None:
@@ -409,7 +415,8 @@ def ensure_draft(cfg: SweepConfig, point: dict, target) -> tuple[Path, dict | No
     tcfg = TrainConfig(tokens=point["tokens"], layers=point["layers"], fusion=t.get("fusion", "multi"),
                        draft_vocab=t.get("draft_vocab", 8192), ttt_steps=t.get("ttt", 3),
                        seed=t.get("seed", 0), lr=t.get("lr", 1e-3), kind="scylla-sweep",
-                       arch=t.get("arch", "eagle"), precision=t.get("precision", "auto"))
+                       arch=t.get("arch", "eagle"), precision=t.get("precision", "auto"),
+                       labels=t.get("labels", "hard"))
     seqs = load_feature_sequences(ensure_features(target, t.get("corpus", "mix")))
     record = train_head(target, seqs, tcfg, folder, target.name)
     row = {**training_row(record), "target": target.name, "corpus": t.get("corpus", "mix"),

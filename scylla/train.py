@@ -35,6 +35,7 @@ def stored_layers(n_layers: int) -> list[int]:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+LABELS = ("hard", "soft")
 
 
 @dataclass
@@ -56,6 +57,7 @@ class TrainConfig:
     init_from: str | None = None  # a trained draft folder: continue it (the alignment stage)
     arch: str = "eagle"          # eagle | eagle3 (EAGLE-3's layer; exports for vLLM and SGLang)
     precision: str = "auto"      # auto | bf16 | fp32: the matmuls' precision (weights stay fp32)
+    labels: str = "hard"         # hard: the target's greedy token; soft: its distribution (EAGLE-3)
 
 
 def check_train_config(cfg: TrainConfig) -> None:
@@ -71,6 +73,8 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise ScyllaError("--max-len must be >= 16 and --prompt-weight in [0, 1]")
     if cfg.precision not in PRECISIONS:
         raise ScyllaError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.labels not in LABELS:
+        raise ScyllaError(f"--labels must be hard or soft, got {cfg.labels!r}")
     check_arch(cfg)
 
 
@@ -234,7 +238,8 @@ def loss_positions_drawn(tgt: torch.Tensor, weights: torch.Tensor) -> torch.Tens
 
 def head_loss(head: FeatureHead, batch: dict, t2d: torch.Tensor | None, cfg: TrainConfig):
     """CE over TTT passes on the drawn positions (+ feature regression for last-layer fusion);
-    top-1 of pass 0 on answer positions."""
+    top-1 of pass 0 on answer positions. Soft labels: CE against the target's distribution
+    over the draft vocabulary, which sampling (T > 0) accepts against, not only its argmax."""
     dtype = head.dtype
     feats, toks, labels, mask = batch["features"].to(dtype), batch["tokens"], batch["labels"], batch["mask"]
     inp_feat = feats[:, :-1]
@@ -247,12 +252,13 @@ def head_loss(head: FeatureHead, batch: dict, t2d: torch.Tensor | None, cfg: Tra
         tgt = torch.where(tgt >= 0, t2d[tgt.clamp_min(0)], tgt)
     drawn = loss_positions_drawn(tgt, weights)
     answer = weights[drawn] >= 1.0
+    soft = head.target_probs(batch["last"][:, 1:][drawn].to(dtype)) if cfg.labels == "soft" else None
     g = head.fuse(inp_feat)
     total, top1 = 0.0, None
     for step in range(cfg.ttt_steps):
         h = head(head.step_inputs(g, inp_tok, fused=True), attention_mask=attn)
         logits = head.logits(h[drawn])
-        ce = F.cross_entropy(logits, tgt[drawn]) if drawn.any() else h.sum() * 0.0
+        ce = label_loss(logits, tgt[drawn], soft) if drawn.any() else h.sum() * 0.0
         total = total + (0.8 ** step) * ce
         if step == 0:
             top1 = ((logits.argmax(-1) == tgt[drawn]) & answer).sum().item() / max(answer.sum().item(), 1)
@@ -265,9 +271,15 @@ def head_loss(head: FeatureHead, batch: dict, t2d: torch.Tensor | None, cfg: Tra
     return total, top1
 
 
+def label_loss(logits: torch.Tensor, hard: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+    if soft is None:
+        return F.cross_entropy(logits, hard)
+    return -(soft.float() * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
 def teacher_forced(cfg: TrainConfig) -> TrainConfig:
     """The same settings, one pass on the true features (what held-out top-1 scores)."""
-    return TrainConfig(**{**asdict(cfg), "ttt_steps": 1, "reg_weight": 0.0})
+    return TrainConfig(**{**asdict(cfg), "ttt_steps": 1, "reg_weight": 0.0, "labels": "hard"})
 
 
 @torch.no_grad()
@@ -393,7 +405,7 @@ def train_head(target, seqs: list[dict], cfg: TrainConfig, out_dir: Path, target
               "wall_s": round(time.time() - start, 1), "final_loss": state.get("loss"),
               "heldout_top1": round(top1, 4), "unique_tokens": unique, "max_positions": cfg.max_len,
               "prompt_weight": cfg.prompt_weight, "precision": cfg.precision, "batching": "length-grouped",
-              "name": out_dir.name}
+              "labels": cfg.labels, "name": out_dir.name}
     (out_dir / "training.json").write_text(json.dumps(record, indent=2))
     return record
 
@@ -431,7 +443,7 @@ def run_batch(items, head, optimizer, schedule, accelerator, t2d, cfg, cols, see
     return seen + positions, step + 1
 
 
-LOG_ONLY = ("unique_tokens", "max_positions", "prompt_weight", "precision", "batching", "name")
+LOG_ONLY = ("unique_tokens", "max_positions", "prompt_weight", "precision", "batching", "labels", "name")
 
 
 def training_row(record: dict) -> dict:

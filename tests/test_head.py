@@ -65,6 +65,49 @@ def test_training_steps_lower_the_loss(fusion, vocab):
     assert last < 0.7 * first
 
 
+def tiny_head_and_batch(seqs, target, vocab=48):
+    vocab_ids = draft_vocab_map(seqs, vocab, 96)
+    t2d = torch.full((96,), -100, dtype=torch.long)
+    t2d[vocab_ids] = torch.arange(vocab)
+    head = make_head(target.model, tiny_cfg(), vocab_ids, "tiny")
+    cols = feature_columns("multi", 32)
+    return head, t2d, collate(seqs[:4], cols, last_columns(cols))
+
+
+def test_soft_labels_are_the_targets_distribution_whose_argmax_is_the_hard_label():
+    target = tiny_target()
+    seqs = feature_seqs(target)
+    head, t2d, batch = tiny_head_and_batch(seqs, target)
+    probs = head.target_probs(batch["last"][:, 1:].float())
+    hard = t2d[batch["labels"][:, 1:]]
+    known = (hard >= 0) & (batch["mask"][:, 1:] == 1)
+    assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[:-1]), atol=1e-5)
+    assert (probs.argmax(-1)[known] == hard[known]).float().mean() > 0.99
+
+
+def kl_to_target(head, batch) -> float:
+    """Mean KL(target || draft) over the draft vocabulary on answer positions, teacher-forced."""
+    with torch.no_grad():
+        g = head.fuse(batch["features"][:, :-1].to(head.dtype))
+        h = head(head.step_inputs(g, batch["tokens"][:, 1:], fused=True), attention_mask=batch["mask"][:, 1:])
+        p = head.target_probs(batch["last"][:, 1:].to(head.dtype))
+        logq = torch.log_softmax(head.logits(h), -1)
+        kl = (p * (p.clamp_min(1e-12).log() - logq)).sum(-1)
+    return kl[batch["mask"][:, 1:] == 1].mean().item()
+
+
+def test_soft_labels_bring_the_draft_closer_to_the_targets_distribution_than_hard_labels():
+    target = tiny_target()
+    seqs = feature_seqs(target)
+    kls = {}
+    for labels in ("hard", "soft"):
+        head, t2d, batch = tiny_head_and_batch(seqs, target)
+        first, last = fit_one_batch(head, batch, t2d, tiny_cfg(labels=labels), steps=40)
+        assert last < first
+        kls[labels] = kl_to_target(head, batch)
+    assert kls["soft"] < 0.8 * kls["hard"]
+
+
 def test_token_budget_is_exact():
     seqs = [{"tokens": torch.arange(50), "features": torch.zeros(50, 4), "labels": torch.arange(50)}] * 3
     seen = sum(len(s["tokens"]) - 1 for s in token_stream(seqs, 333, 64, seed=0))
@@ -119,7 +162,7 @@ def test_mismatched_target_and_corrupt_files_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(tokens=10), dict(layers=9), dict(fusion="mid"), dict(ttt_steps=0),
-                                 dict(precision="fp8")])
+                                 dict(precision="fp8"), dict(labels="fuzzy")])
 def test_bad_training_config_is_refused(bad):
     with pytest.raises(ScyllaError):
         check_train_config(tiny_cfg(**bad))

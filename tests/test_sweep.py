@@ -14,7 +14,7 @@ import pytest
 from scylla import ScyllaError
 from scylla.models import bundled_cache_dir
 from scylla.store import init_db, runs_frame
-from scylla.sweep import grid_points, load_config, point_id
+from scylla.sweep import draft_key, grid_points, load_config, local_order, point_id
 from tests.conftest import tiny_llama
 
 
@@ -22,6 +22,13 @@ def write(tmp_path, text, name="s.toml"):
     path = tmp_path / name
     path.write_text(text)
     return str(path)
+
+
+def test_a_local_sweep_measures_each_draft_at_all_its_points_before_training_the_next(tmp_path):
+    cfg = load_config(write(tmp_path, "[grid]\ntokens = [1024, 4096]\ntemperature = [0.0, 1.0]"))
+    order = [(p["tokens"], p["temperature"]) for p in local_order(cfg, grid_points(cfg))]
+    assert order == [(1024, 0.0), (1024, 1.0), (4096, 0.0), (4096, 1.0)]
+    assert len({draft_key(cfg, p) for p in grid_points(cfg)}) == 2
 
 
 @pytest.mark.parametrize("text,needle", [
@@ -33,6 +40,7 @@ def write(tmp_path, text, name="s.toml"):
     ('[grid\n', "invalid config"),
     ('prompts = "nope.jsonl"\n[grid]\ndraft = ["ngram"]', "not found"),
     ('[grid]\ntokens = [1024]\n[train]\nprecision = "fp8"', "precision must be"),
+    ('[grid]\ntokens = [1024]\n[train]\nlabels = "fuzzy"', "labels must be"),
 ])
 def test_config_errors_are_reported_before_any_work(tmp_path, text, needle):
     with pytest.raises(ScyllaError, match=needle):
