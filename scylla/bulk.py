@@ -53,21 +53,25 @@ def padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
-def prefill_into(lm: LeanLM, cache, prompts: list[list[int]], pad_id: int, prefill_tokens: int) -> torch.Tensor:
+def prefill_into(lm: LeanLM, cache, prompts: list[list[int]], pad_id: int, prefill_tokens: int,
+                 capture: "FeatureCapture | None" = None) -> torch.Tensor:
     """Prompt forwards in row slices (bounded activations), copied into `cache`; returns the
     last real position's hidden state per row [B, H]."""
     width = max(map(len, prompts))
     per = max(1, prefill_tokens // width)
     last = []
+    keep = capture.layers if capture else ()
     for r0 in range(0, len(prompts), per):
         part = prompts[r0:r0 + per]
         ids, lengths = padded(part, pad_id, lm.device)
         small = lm.stack.new_cache(len(part), ids.shape[1], cache.keys[0].dtype)
         positions = torch.arange(ids.shape[1], device=lm.device)[None].expand(len(part), -1)
-        out, _ = lm.stack.run(lm.embed[ids], small, positions, CAUSAL)
+        out, kept = lm.stack.run(lm.embed[ids], small, positions, CAUSAL, keep)
         for big_k, big_v, k, v in zip(cache.keys, cache.values, small.keys, small.values):
             big_k[r0:r0 + len(part), :, :ids.shape[1]] = k
             big_v[r0:r0 + len(part), :, :ids.shape[1]] = v
+        if capture:
+            capture.prompt_slice(lm, kept, out)
         last.append(out[torch.arange(len(part), device=lm.device), (lengths - 1).to(lm.device)])
     cache.lengths = torch.tensor([len(p) for p in prompts])
     return torch.cat(last)
@@ -83,39 +87,87 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> t
 @torch.no_grad()
 def decode_group(lm: LeanLM, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                  top_p: float, generator, eos_ids: list[int], pad_id: int, prefill_tokens: int,
-                 check_every: int = 16) -> list[list[int]]:
+                 check_every: int = 16, capture: "FeatureCapture | None" = None) -> list[list[int]]:
     """Plain decoding of one group; each row's tokens up to its first EOS (kept) or the budget,
-    as Row.take does in the engine."""
+    as Row.take does in the engine. With `capture`, each row's last token is fed too, so that
+    every position of prompt + answer has its features."""
     dev = lm.device
     rows = len(prompts)
     cache = lm.new_cache(rows, max(map(len, prompts)) + max_new_tokens + 1)
-    nxt = pick(lm.head(prefill_into(lm, cache, prompts, pad_id, prefill_tokens)).float(), temperature, top_p, generator)
+    nxt = pick(lm.head(prefill_into(lm, cache, prompts, pad_id, prefill_tokens, capture)).float(),
+               temperature, top_p, generator)
     eos = torch.tensor(eos_ids or [-1], device=dev)
     out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     alive = torch.arange(rows, device=dev)
     done = torch.zeros(rows, dtype=torch.bool, device=dev)
     lengths = cache.lengths.clone().to(dev)   # a copy on CPU too: the cache moves its own
+    keep = capture.layers if capture else ()
     for t in range(max_new_tokens):
         out[alive, t] = nxt
+        fed_eos = done    # rows whose EOS has been fed already (a capture needs its features)
         done = done | torch.isin(nxt, eos)
-        if t == max_new_tokens - 1:
+        last_step = t == max_new_tokens - 1
+        if last_step and capture is None:
             break
         if t % check_every == check_every - 1:
-            finished = done.cpu()
+            finished = (fed_eos if capture else done).cpu()
             if bool(finished.all()):
                 break
             if int(finished.sum()) * 4 >= len(finished):   # a quarter finished: drop them
-                keep = (~finished).nonzero()[:, 0]
-                cache.select_rows(keep.tolist())
-                keep = keep.to(dev)
-                alive, nxt, done, lengths = alive[keep], nxt[keep], done[keep], lengths[keep]
+                keep_rows = (~finished).nonzero()[:, 0]
+                cache.select_rows(keep_rows.tolist())
+                keep_rows = keep_rows.to(dev)
+                alive, nxt, done, lengths = alive[keep_rows], nxt[keep_rows], done[keep_rows], lengths[keep_rows]
         span = int(cache.lengths.max()) + 1
         allowed = (torch.arange(span, device=dev)[None] <= lengths[:, None])[:, None, None, :]
-        hidden, _ = lm.stack.run(lm.embed[nxt][:, None], cache, lengths[:, None], allowed)
-        nxt = pick(lm.head(hidden[:, 0]).float(), temperature, top_p, generator)
+        hidden, kept = lm.stack.run(lm.embed[nxt][:, None], cache, lengths[:, None], allowed, keep)
+        logits = lm.head(hidden[:, 0]).float()
+        if capture:
+            capture.answer_step(alive, t, kept, logits)
+            if last_step or bool(done.all()):
+                break
+        nxt = pick(logits, temperature, top_p, generator)
         cache.lengths += 1
         lengths = lengths + 1
     return [cut_at_eos(row, eos_ids) for row in out.tolist()]
+
+
+class FeatureCapture:
+    """The feature cache's content for a decoded group, kept while decoding instead of a second
+    forward over prompt + answer (data.extract_features): the chosen layers' hidden states
+    (fp16) and the target's greedy next token at every position."""
+
+    def __init__(self, layers: list[int], rows: int, max_new_tokens: int, hidden: int, label_rows: int = 1024):
+        self.layers = tuple(layers)
+        self.label_rows = label_rows
+        self.prompt_feats: list[torch.Tensor] = []
+        self.prompt_labels: list[torch.Tensor] = []
+        self.answer_feats = torch.zeros(rows, max_new_tokens, len(layers) * hidden, dtype=torch.float16)
+        self.answer_labels = torch.zeros(rows, max_new_tokens, dtype=torch.long)
+
+    def prompt_slice(self, lm: LeanLM, kept: dict, out: torch.Tensor) -> None:
+        rows, width, hidden = out.shape
+        flat = out.reshape(-1, hidden)
+        labels = torch.cat([lm.head(flat[i:i + self.label_rows]).argmax(-1)
+                            for i in range(0, len(flat), self.label_rows)])
+        self.prompt_feats += list(torch.cat([kept[i] for i in self.layers], -1).half().cpu())
+        self.prompt_labels += list(labels.view(rows, width).cpu())
+
+    def answer_step(self, alive: torch.Tensor, t: int, kept: dict, logits: torch.Tensor) -> None:
+        """Features of the token fed at answer index t (position prompt length + t)."""
+        rows = alive.cpu()
+        self.answer_feats[rows, t] = torch.cat([kept[i] for i in self.layers], -1)[:, 0].half().cpu()
+        self.answer_labels[rows, t] = logits.argmax(-1).cpu()
+
+    def sequences(self, prompts: list[list[int]], answers: list[list[int]]) -> list[dict]:
+        """Per row, what data.features_of gives for prompt + answer."""
+        out = []
+        for b, (prompt, answer) in enumerate(zip(prompts, answers)):
+            n, m = len(prompt), len(answer)
+            out.append({"tokens": torch.tensor(prompt + answer),
+                        "features": torch.cat([self.prompt_feats[b][:n], self.answer_feats[b, :m]]),
+                        "labels": torch.cat([self.prompt_labels[b][:n], self.answer_labels[b, :m]])})
+        return out
 
 
 def cut_at_eos(row: list[int], eos_ids: list[int]) -> list[int]:
@@ -144,6 +196,20 @@ def bulk_generate(lm: LeanLM, prompts: list[list[int]], max_new_tokens: int, eos
         if progress:
             progress(len(group), sum(map(len, made)))
     return answers
+
+
+def answers_with_features(target, prompts: list[list[int]], max_new_tokens: int, layers: list[int],
+                          temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> tuple[list, list | None]:
+    """plain_answers, plus each row's features and labels (data.features_of's dict for
+    prompt + answer) where the target runs the lean forward; None on transformers' forward."""
+    if not layers or not isinstance(target.forward, LeanLM):
+        return plain_answers(target, prompts, max_new_tokens, temperature, top_p, seed), None
+    lm = target.forward
+    capture = FeatureCapture(layers, len(prompts), max_new_tokens, lm.embed.shape[1])
+    generator = torch.Generator(device=lm.device).manual_seed(seed)
+    answers = decode_group(lm, prompts, max_new_tokens, temperature, top_p, generator, target.eos_ids,
+                           target.tokenizer.pad_token_id or 0, prefill_tokens=8192, capture=capture)
+    return answers, capture.sequences(prompts, answers)
 
 
 def plain_answers(target, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,

@@ -243,8 +243,10 @@ def cmd_build_corpus(args) -> int:
     target = load_target()
     if args.answers:
         from scylla.corpus import build_answers, save_snapshot
+        from scylla.pipeline import captured_folder
 
-        print(build_answers(target, args.answers, args.max_new_tokens, args.batch, seed=args.seed))
+        print(build_answers(target, args.answers, args.max_new_tokens, args.batch, seed=args.seed,
+                            capture_to=captured_folder(target)))
         if args.snapshot:
             print(save_snapshot())
         return 0

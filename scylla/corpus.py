@@ -227,10 +227,14 @@ def done_ids(path: Path) -> set[str]:
 
 
 def build_answers(target, n_prompts: int, max_new_tokens: int = 256, batch: int = 16, seed: int = 0,
-                  max_prompt_tokens: int = 1792) -> Path:
-    """Answer every prompt of the set; resumable; a progress bar with answer tokens/s."""
-    from scylla.bulk import plain_answers
+                  max_prompt_tokens: int = 1792, capture_to: Path | None = None) -> Path:
+    """Answer every prompt of the set; resumable; a progress bar with answer tokens/s. With
+    `capture_to`, the draft's features of each answered sequence are kept there as it is
+    generated (on the lean forward), which spares the feature cache a second forward."""
+    from scylla.bulk import answers_with_features
+    from scylla.data import save_captured
     from scylla.models import encode_prompt
+    from scylla.train import stored_layers
 
     restore_snapshot()
     with tqdm(desc="magpie requests", unit="prompt") as magpie_bar:   # idle unless prompts are drawn
@@ -246,7 +250,11 @@ def build_answers(target, n_prompts: int, max_new_tokens: int = 256, batch: int 
             out.open("a") as sink:
         for chunk in length_sorted_batches(encoded, batch):
             temperature = 1.0 if zlib.crc32(chunk[0][0]["question_id"].encode()) % 4 == 0 else 0.0
-            ids = plain_answers(target, [e for _, e in chunk], max_new_tokens, temperature, seed=seed)
+            layers = stored_layers(target.model.config.num_hidden_layers) if capture_to else []
+            ids, seqs = answers_with_features(target, [e for _, e in chunk], max_new_tokens, layers,
+                                              temperature, seed=seed)
+            if capture_to and seqs:   # before the answers: a kill between leaves answers to re-extract, never the reverse
+                save_captured({p["question_id"]: seq for (p, _), seq in zip(chunk, seqs)}, capture_to)
             for (p, enc), answer in zip(chunk, ids):
                 sink.write(json.dumps({"question_id": p["question_id"], "source": p["source"],
                                        "category": p["category"], "temperature": temperature,

@@ -16,6 +16,7 @@ import sysconfig
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from scylla import ScyllaError
@@ -226,16 +227,18 @@ def corpus_key(name: str, target_name: str, layers: list[int]) -> str:
 
 @torch.inference_mode()
 def extract_features(target, seqs: list[list[int]], layers: list[int], out_dir: Path,
-                     shard_tokens: int = 16384, progress=None, prompt_lens: list[int] | None = None) -> Path:
+                     shard_tokens: int = 16384, progress=None, prompt_lens: list[int] | None = None,
+                     captured=None) -> Path:
     """Teacher-force each sequence through the target; store the chosen hidden layers (fp16),
-    the tokens and the target's greedy next token at every position, in safetensors shards."""
+    the tokens and the target's greedy next token at every position, in safetensors shards.
+    `captured(i, seq)`: sequence i's features kept while it was generated, or None."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = {int(p.stem.split("-")[1]) for p in out_dir.glob("shard-*.safetensors")}
     shard, buf, count = 0, [], 0
     for i, seq in enumerate(seqs):
         if shard not in done:
-            buf.append(features_of(target, seq, layers))
+            buf.append((captured and captured(i, seq)) or features_of(target, seq, layers))
             buf[-1]["prompt_len"] = prompt_lens[i] if prompt_lens else 0
         count += len(seq)
         if count >= shard_tokens or i == len(seqs) - 1:
@@ -266,6 +269,36 @@ def save_shard(items: list[dict], path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp))
     tmp.rename(path)
+
+
+def save_captured(seqs: dict[str, dict], folder: Path) -> None:
+    """Features kept while answers were generated (bulk.FeatureCapture), one file per batch,
+    keyed by question id; extract_features takes them instead of a second forward."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{qid}|{key}": value.contiguous() for qid, seq in seqs.items() for key, value in seq.items()}
+    name = hashlib.sha256("".join(seqs).encode()).hexdigest()[:16]
+    tmp = folder / f"{name}.tmp"
+    save_file(tensors, str(tmp))
+    tmp.rename(folder / f"{name}.safetensors")
+
+
+class CapturedFeatures:
+    """Lookup of captured sequences by question id; a sequence whose tokens differ from the
+    corpus's (a prompt answered again after a kill) is not used."""
+
+    def __init__(self, folder: Path):
+        self.where: dict[str, Path] = {}
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            with safe_open(str(path), "pt") as f:
+                self.where.update({key.split("|")[0]: path for key in f.keys()})
+
+    def get(self, qid: str, tokens: list[int]) -> dict | None:
+        path = self.where.get(qid)
+        if path is None:
+            return None
+        with safe_open(str(path), "pt") as f:
+            seq = {key: f.get_tensor(f"{qid}|{key}") for key in ("tokens", "features", "labels")}
+        return seq if seq["tokens"].tolist() == tokens else None
 
 
 def load_feature_sequences(feature_dir: Path) -> list[dict]:

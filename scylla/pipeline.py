@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from tqdm import tqdm
@@ -9,7 +10,7 @@ from tqdm import tqdm
 from scylla import ScyllaError
 from scylla.corpus import corpus_path, read_corpus
 from scylla.head import CONFIG, WEIGHTS
-from scylla.data import corpus_key, extract_features, load_feature_sequences
+from scylla.data import CapturedFeatures, corpus_key, extract_features, load_feature_sequences
 from scylla.models import cache_root, load_target
 from scylla.train import TrainConfig, check_train_config, stored_layers, train_head, training_row
 
@@ -83,22 +84,36 @@ def interleave_by_share(parts: list[list[list[int]]], shares: list[float]) -> li
         used[i] += len(seq)
 
 
-def answer_sequences() -> tuple[list[list[int]], list[int]]:
-    """The answers-v2 corpus (scylla build-corpus --answers): full sequences and prompt lengths."""
+def answer_sequences() -> tuple[list[list[int]], list[int], list[str]]:
+    """The answers-v2 corpus (scylla build-corpus --answers): full sequences, prompt lengths
+    and question ids."""
     from scylla.corpus import read_answers
 
     rows = read_answers()
     if not rows:
         raise ScyllaError("corpus answers-v2 is not built; run `scylla build-corpus --answers N` first")
-    return [r["prompt_ids"] + r["answer_ids"] for r in rows], [len(r["prompt_ids"]) for r in rows]
+    return ([r["prompt_ids"] + r["answer_ids"] for r in rows], [len(r["prompt_ids"]) for r in rows],
+            [r["question_id"] for r in rows])
+
+
+def feature_folder(target, corpus: str) -> Path:
+    layers = stored_layers(target.model.config.num_hidden_layers)
+    return cache_root() / "features" / f"{corpus}-{corpus_key(corpus, target.name, layers)}"
+
+
+def captured_folder(target) -> Path:
+    """Where build-corpus keeps the features of the answers it generates (bulk.FeatureCapture)."""
+    return feature_folder(target, ANSWERS_CORPUS) / "captured"
 
 
 def ensure_features(target, corpus: str) -> Path:
     layers = stored_layers(target.model.config.num_hidden_layers)
-    folder = cache_root() / "features" / f"{corpus}-{corpus_key(corpus, target.name, layers)}"
-    prompt_lens = None
+    folder = feature_folder(target, corpus)
+    prompt_lens, captured = None, None
     if corpus == ANSWERS_CORPUS:
-        seqs, prompt_lens = answer_sequences()
+        seqs, prompt_lens, ids = answer_sequences()
+        kept = CapturedFeatures(captured_folder(target))
+        captured = lambda i, seq: kept.get(ids[i], seq)   # noqa: E731
     elif (folder / "DONE").is_file():
         return folder
     else:
@@ -107,7 +122,9 @@ def ensure_features(target, corpus: str) -> Path:
         return folder
     total = sum(map(len, seqs))
     with tqdm(total=total, desc="target features", unit="tok") as bar:
-        extract_features(target, seqs, layers, folder, progress=bar.update, prompt_lens=prompt_lens)
+        extract_features(target, seqs, layers, folder, progress=bar.update, prompt_lens=prompt_lens,
+                         captured=captured)
+    shutil.rmtree(folder / "captured", ignore_errors=True)   # now in the shards
     return folder
 
 

@@ -41,6 +41,29 @@ def test_bulk_greedy_equals_the_engine_row_by_row():
     assert got == expected
 
 
+def test_features_captured_while_decoding_equal_a_second_forward():
+    """Every prompt and answer position, with sliced prefills and rows finishing (and leaving
+    the cache) at different steps; capturing changes no answer."""
+    target = tiny_target()
+    layers = stored_layers(target.model.config.num_hidden_layers)
+    prompts = ragged_prompts(10, seed=4)
+    eos = bulk.bulk_generate(target.forward, prompts, 20, [])[0][3]
+
+    def decode(capture=None):
+        return bulk.decode_group(target.forward, prompts, 20, 0.0, 1.0, torch.Generator(), [eos], 0,
+                                 prefill_tokens=64, check_every=4, capture=capture)
+
+    capture = bulk.FeatureCapture(layers, len(prompts), 20, target.model.config.hidden_size)
+    answers = decode(capture)
+    assert answers == decode()
+    assert any(len(a) < 20 for a in answers) and any(len(a) == 20 for a in answers)
+    for prompt, answer, seq in zip(prompts, answers, capture.sequences(prompts, answers)):
+        ref = features_of(target, prompt + answer, layers)
+        assert torch.equal(seq["tokens"], ref["tokens"])
+        assert torch.equal(seq["labels"], ref["labels"])
+        assert torch.allclose(seq["features"].float(), ref["features"].float(), atol=2e-3)
+
+
 def test_bulk_sampling_is_seeded_and_stops_at_the_deadline():
     target = tiny_target()
     prompts = ragged_prompts(6, seed=1)

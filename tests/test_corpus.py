@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from scylla import corpus, sources
 from scylla.data import eval_prompts
@@ -136,3 +137,39 @@ def test_a_source_that_runs_dry_is_made_up_by_magpie(chat_target, monkeypatch):
     assert len(prompts) == 40 and len({p["question_id"] for p in prompts}) == 40
     record = json.loads((corpus.answers_dir() / "provenance.json").read_text())
     assert record["tranches"][0]["sources"]["magpie"]["kept"] == 40
+
+
+def test_features_captured_while_answering_fill_the_cache_without_a_second_forward(chat_target, small_long_texts,
+                                                                                     monkeypatch):
+    from scylla import data, pipeline
+    from scylla.train import stored_layers
+
+    corpus.build_prompt_set(chat_target, 10, **CHEAP_MAGPIE)
+    corpus.build_answers(chat_target, 10, max_new_tokens=6, batch=4, capture_to=pipeline.captured_folder(chat_target))
+    rows = corpus.read_answers()
+    layers = stored_layers(chat_target.model.config.num_hidden_layers)
+    expected = [data.features_of(chat_target, r["prompt_ids"] + r["answer_ids"], layers) for r in rows]
+
+    def second_forward(*args):
+        raise AssertionError("a captured sequence was forwarded again")
+
+    monkeypatch.setattr(data, "features_of", second_forward)
+    cached = data.load_feature_sequences(pipeline.ensure_features(chat_target, pipeline.ANSWERS_CORPUS))
+    assert not pipeline.captured_folder(chat_target).exists()   # consumed into the shards
+    assert len(cached) == len(rows)
+    for seq, ref, row in zip(cached, expected, rows):
+        assert torch.equal(seq["tokens"], ref["tokens"]) and torch.equal(seq["labels"], ref["labels"])
+        assert torch.allclose(seq["features"].float(), ref["features"].float(), atol=2e-2)
+        assert seq["prompt_len"] == len(row["prompt_ids"])
+
+
+def test_a_captured_sequence_that_no_longer_matches_the_corpus_is_forwarded_again(tmp_path):
+    from scylla.data import CapturedFeatures, save_captured
+
+    seq = {"tokens": torch.tensor([5, 6, 7]), "features": torch.zeros(3, 8, dtype=torch.float16),
+           "labels": torch.tensor([6, 7, 8])}
+    save_captured({"magpie-0-1": seq}, tmp_path)
+    kept = CapturedFeatures(tmp_path)
+    assert torch.equal(kept.get("magpie-0-1", [5, 6, 7])["labels"], seq["labels"])
+    assert kept.get("magpie-0-1", [5, 6, 9]) is None   # answered again after a kill: different tokens
+    assert kept.get("magpie-0-2", [5, 6, 7]) is None
