@@ -46,8 +46,9 @@ MAX_POSITIONS = 2048
 
 def recipes(tokens: int, lr: float) -> dict[str, TrainConfig]:
     """Same data, same steps; only the recipe differs (eagle2: last-layer features, full
-    vocabulary, no training-time test; eagle3: fused features, reduced vocabulary, TTT)."""
-    common = dict(tokens=tokens, layers=1, lr=lr, max_len=MAX_POSITIONS, prompt_weight=0.1)
+    vocabulary, no training-time test; eagle3: fused features, reduced vocabulary, TTT). All
+    three learn the target's distribution (soft labels), as EAGLE's own training does."""
+    common = dict(tokens=tokens, layers=1, lr=lr, max_len=MAX_POSITIONS, prompt_weight=0.1, labels="soft")
     return {"scylla": TrainConfig(**common, fusion="multi", draft_vocab=12288, ttt_steps=3, arch="eagle3", kind="scylla"),
             "eagle3-style": TrainConfig(**common, fusion="multi", draft_vocab=8192, ttt_steps=3, kind="eagle3-style"),
             "eagle2-style": TrainConfig(**common, fusion="last", draft_vocab=0, ttt_steps=1, kind="eagle2-style")}

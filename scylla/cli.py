@@ -119,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="matmul precision while training (weights stay fp32); auto: bf16 where the "
                         "CPU or GPU multiplies bf16 natively")
-    t.add_argument("--labels", choices=["hard", "soft"], default="hard",
-                   help="hard: the target's greedy token; soft: its distribution over the draft vocabulary "
-                        "(EAGLE-3's loss; what sampling at T > 0 accepts against)")
+    t.add_argument("--labels", choices=["hard", "soft"], default="soft",
+                   help="soft (default): the target's distribution over the draft vocabulary, as EAGLE "
+                        "trains (measured better at T = 1 and no worse at T = 0); hard: its greedy token, "
+                        "what sweeps without a [train] labels key train")
     t.add_argument("--out", help="output folder (default: cache/drafts/NAME)")
     t.add_argument("--db", help="store the training record in this results.duckdb")
 

@@ -57,7 +57,7 @@ class TrainConfig:
     init_from: str | None = None  # a trained draft folder: continue it (the alignment stage)
     arch: str = "eagle"          # eagle | eagle3 (EAGLE-3's layer; exports for vLLM and SGLang)
     precision: str = "auto"      # auto | bf16 | fp32: the matmuls' precision (weights stay fp32)
-    labels: str = "hard"         # hard: the target's greedy token; soft: its distribution (EAGLE-3)
+    labels: str = "hard"         # hard: the target's greedy token (the stored sweeps); soft: its distribution (EAGLE)
 
 
 def check_train_config(cfg: TrainConfig) -> None:
