@@ -113,7 +113,9 @@ def ensure_features(target, corpus: str) -> Path:
     if corpus == ANSWERS_CORPUS:
         seqs, prompt_lens, ids = answer_sequences()
         kept = CapturedFeatures(captured_folder(target))
-        captured = lambda i, seq: kept.get(ids[i], seq)   # noqa: E731
+
+        def captured(i: int, seq: list[int]) -> dict | None:
+            return kept.get(ids[i], seq)
     elif (folder / "DONE").is_file():
         return folder
     else:
@@ -168,7 +170,7 @@ def train_draft_from_args(args) -> dict:
                       draft_vocab=args.draft_vocab, ttt_steps=args.ttt, lr=args.lr,
                       seed=args.seed, kind=args.name, max_len=getattr(args, "max_len", 2048),
                       prompt_weight=getattr(args, "prompt_weight", 0.1), arch=getattr(args, "arch", "eagle"),
-                      precision=getattr(args, "precision", "auto"), labels=getattr(args, "labels", "hard"))
+                      precision=getattr(args, "precision", "auto"), labels=getattr(args, "labels", "soft"))
     check_train_config(cfg)  # both stages' settings are refused before any work starts
     if getattr(args, "align_tokens", 0) and args.align_tokens < 256:
         raise ScyllaError(f"--align-tokens must be 0 or >= 256, got {args.align_tokens}")
