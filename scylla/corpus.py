@@ -245,12 +245,12 @@ def build_answers(target, n_prompts: int, max_new_tokens: int = 256, batch: int 
     answered = done_ids(out)
     todo = [p for p in prompts if p["question_id"] not in answered]
     encoded = [(p, encode_prompt(target, p["prompt"])[-max_prompt_tokens:]) for p in todo]
+    layers = stored_layers(target.model.config.num_hidden_layers) if capture_to else []
     start, made = time.time(), 0
     with tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="answers", unit="prompt") as bar, \
             out.open("a") as sink:
         for chunk in length_sorted_batches(encoded, batch):
             temperature = 1.0 if zlib.crc32(chunk[0][0]["question_id"].encode()) % 4 == 0 else 0.0
-            layers = stored_layers(target.model.config.num_hidden_layers) if capture_to else []
             ids, seqs = answers_with_features(target, [e for _, e in chunk], max_new_tokens, layers,
                                               temperature, seed=seed)
             if capture_to and seqs:   # before the answers: a kill between leaves answers to re-extract, never the reverse
