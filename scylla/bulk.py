@@ -132,6 +132,12 @@ def decode_group(lm: LeanLM, prompts: list[list[int]], max_new_tokens: int, temp
     return [cut_at_eos(row, eos_ids) for row in out.tolist()]
 
 
+def greedy_labels(lm: LeanLM, flat: torch.Tensor, label_rows: int) -> torch.Tensor:
+    """The target's greedy next token at each row of normed hidden states [N, H], through
+    the LM head `label_rows` at a time (bounded logits)."""
+    return torch.cat([lm.head(flat[i:i + label_rows]).argmax(-1) for i in range(0, len(flat), label_rows)])
+
+
 class FeatureCapture:
     """The feature cache's content for a decoded group, kept while decoding instead of a second
     forward over prompt + answer (data.extract_features): the chosen layers' hidden states
@@ -147,9 +153,7 @@ class FeatureCapture:
 
     def prompt_slice(self, lm: LeanLM, kept: dict, out: torch.Tensor) -> None:
         rows, width, hidden = out.shape
-        flat = out.reshape(-1, hidden)
-        labels = torch.cat([lm.head(flat[i:i + self.label_rows]).argmax(-1)
-                            for i in range(0, len(flat), self.label_rows)])
+        labels = greedy_labels(lm, out.reshape(-1, hidden), self.label_rows)
         self.prompt_feats += list(torch.cat([kept[i] for i in self.layers], -1).half().cpu())
         self.prompt_labels += list(labels.view(rows, width).cpu())
 
@@ -239,8 +243,7 @@ def target_features(lm: LeanLM, ids: torch.Tensor, layers: list[int], label_rows
     cache = lm.new_cache(rows, width)
     positions = torch.arange(width, device=ids.device)[None].expand(rows, -1)
     out, kept = lm.stack.run(lm.embed[ids], cache, positions, CAUSAL, tuple(layers))
-    flat = out.reshape(-1, out.shape[-1])
-    labels = torch.cat([lm.head(flat[i:i + label_rows]).argmax(-1) for i in range(0, len(flat), label_rows)])
+    labels = greedy_labels(lm, out.reshape(-1, out.shape[-1]), label_rows)
     return torch.cat([kept[i] for i in layers], -1), labels.view(rows, width)
 
 
