@@ -38,20 +38,17 @@ from scylla.data import eval_prompts  # noqa: E402
 from scylla.head import export_head, load_head_draft, save_head  # noqa: E402
 from scylla.lean import LeanLM  # noqa: E402
 from scylla.models import DEFAULT_TARGET, encode_prompt, load_target  # noqa: E402
-from scylla.train import TrainConfig, loss_positions, stored_layers, window  # noqa: E402
+from scylla.train import RECIPES, TrainConfig, loss_positions, stored_layers, window  # noqa: E402
 
 MAX_PROMPT_TOKENS = 1792
 MAX_POSITIONS = 2048
 
 
 def recipes(tokens: int, lr: float) -> dict[str, TrainConfig]:
-    """Same data, same steps; only the recipe differs (eagle2: last-layer features, full
-    vocabulary, no training-time test; eagle3: fused features, reduced vocabulary, TTT). All
-    three learn the target's distribution (soft labels), as EAGLE's own training does."""
+    """Same data, same steps; only the recipe differs (scylla.train.RECIPES). All three learn
+    the target's distribution (soft labels), as EAGLE's own training does."""
     common = dict(tokens=tokens, layers=1, lr=lr, max_len=MAX_POSITIONS, prompt_weight=0.1, labels="soft")
-    return {"scylla": TrainConfig(**common, fusion="multi", draft_vocab=12288, ttt_steps=3, arch="eagle3", kind="scylla"),
-            "eagle3-style": TrainConfig(**common, fusion="multi", draft_vocab=8192, ttt_steps=3, kind="eagle3-style"),
-            "eagle2-style": TrainConfig(**common, fusion="last", draft_vocab=0, ttt_steps=1, kind="eagle2-style")}
+    return {name: TrainConfig(**common, **settings, kind=name) for name, settings in RECIPES.items()}
 
 
 class Clock:

@@ -98,12 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then copy the answers-v2 corpus built so far (gzipped) into assets/corpora/")
 
     t = sub.add_parser("train-draft", help="train an EAGLE-style Scylla draft head")
-    t.add_argument("--name", default="scylla")
+    t.add_argument("--name", help="default: the recipe's name, else scylla")
+    t.add_argument("--recipe", choices=["scylla", "eagle3-style", "eagle2-style"],
+                   help="a named draft's fusion, vocabulary, TTT and architecture (the flags below "
+                        "may be left out; given, they must agree)")
     t.add_argument("--tokens", type=positive_int, required=True)
     t.add_argument("--layers", type=positive_int, default=1)
-    t.add_argument("--fusion", choices=["last", "multi"], default="multi")
-    t.add_argument("--draft-vocab", type=int, default=8192)
-    t.add_argument("--ttt", type=positive_int, default=3, help="training-time test unroll steps")
+    t.add_argument("--fusion", choices=["last", "multi"], help="default multi")
+    t.add_argument("--draft-vocab", type=int, help="default 8192 (0: the full vocabulary)")
+    t.add_argument("--ttt", type=positive_int, help="training-time test unroll steps (default 3)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--corpus", default="mix", help="answers-v2 (the target's own answers, full length) | mix | "
@@ -113,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompt-weight", type=float, default=0.1, help="loss weight of prompt positions")
     t.add_argument("--align-tokens", type=nonnegative_int, default=0,
                    help="then a second stage on N tokens of the target's own answers (alignment)")
-    t.add_argument("--arch", choices=["eagle", "eagle3"], default="eagle",
+    t.add_argument("--arch", choices=["eagle", "eagle3"],
                    help="eagle3: EAGLE-3's first layer (one layer, multi fusion, reduced vocabulary); "
-                        "exports for vLLM and SGLang")
+                        "exports for vLLM and SGLang (default eagle)")
     t.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="matmul precision while training (weights stay fp32); auto: bf16 where the "
                         "CPU or GPU multiplies bf16 natively")

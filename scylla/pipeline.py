@@ -12,7 +12,7 @@ from scylla.corpus import corpus_path, read_corpus
 from scylla.head import CONFIG, WEIGHTS
 from scylla.data import CapturedFeatures, corpus_key, extract_features, load_feature_sequences
 from scylla.models import cache_root, load_target
-from scylla.train import TrainConfig, check_train_config, stored_layers, train_head, training_row
+from scylla.train import TrainConfig, check_train_config, recipe_settings, stored_layers, train_head, training_row
 
 # name -> {source corpus: share of tokens}. "mix" (the committed sweeps) keeps its
 # original order: the few self-distilled answers spread over the stdlib text.
@@ -166,16 +166,19 @@ def align_stage(target, record: dict, cfg: TrainConfig, out: Path, tokens: int) 
 
 
 def train_draft_from_args(args) -> dict:
-    cfg = TrainConfig(tokens=args.tokens, layers=args.layers, fusion=args.fusion,
-                      draft_vocab=args.draft_vocab, ttt_steps=args.ttt, lr=args.lr,
-                      seed=args.seed, kind=args.name, max_len=getattr(args, "max_len", 2048),
-                      prompt_weight=getattr(args, "prompt_weight", 0.1), arch=getattr(args, "arch", "eagle"),
+    recipe = getattr(args, "recipe", None)
+    name = args.name or recipe or "scylla"
+    given = {"fusion": args.fusion, "draft_vocab": args.draft_vocab, "ttt_steps": args.ttt,
+             "arch": getattr(args, "arch", None)}
+    cfg = TrainConfig(tokens=args.tokens, layers=args.layers, **recipe_settings(recipe, given), lr=args.lr,
+                      seed=args.seed, kind=name, max_len=getattr(args, "max_len", 2048),
+                      prompt_weight=getattr(args, "prompt_weight", 0.1),
                       precision=getattr(args, "precision", "auto"), labels=getattr(args, "labels", "soft"))
     check_train_config(cfg)  # both stages' settings are refused before any work starts
     if getattr(args, "align_tokens", 0) and args.align_tokens < 256:
         raise ScyllaError(f"--align-tokens must be 0 or >= 256, got {args.align_tokens}")
     target = load_target()
-    out = Path(args.out) if args.out else cache_root() / "drafts" / args.name
+    out = Path(args.out) if args.out else cache_root() / "drafts" / name
     feature_dir = ensure_features(target, args.corpus)
     seqs = load_feature_sequences(feature_dir)
     record = train_head(target, seqs, cfg, out, target.name)

@@ -36,6 +36,27 @@ def stored_layers(n_layers: int) -> list[int]:
 
 PRECISIONS = ("auto", "bf16", "fp32")
 LABELS = ("hard", "soft")
+# The named drafts differ only in these settings (EAGLE-2: last-layer features, the full
+# vocabulary, no training-time test; EAGLE-3: fused low/mid/high features, a reduced
+# vocabulary, training-time test; scylla: EAGLE-3's layer with a larger vocabulary).
+RECIPES = {"scylla": dict(fusion="multi", draft_vocab=12288, ttt_steps=3, arch="eagle3"),
+           "eagle3-style": dict(fusion="multi", draft_vocab=8192, ttt_steps=3, arch="eagle"),
+           "eagle2-style": dict(fusion="last", draft_vocab=0, ttt_steps=1, arch="eagle")}
+RECIPE_DEFAULTS = dict(fusion="multi", draft_vocab=8192, ttt_steps=3, arch="eagle")
+
+
+def recipe_settings(recipe: str | None, given: dict) -> dict:
+    """The recipe's fusion, vocabulary, TTT and architecture; flags given explicitly must agree
+    with it (a flag that silently lost to the recipe would train a different draft than asked)."""
+    if recipe is None:
+        return {key: given.get(key) if given.get(key) is not None else value
+                for key, value in RECIPE_DEFAULTS.items()}
+    if recipe not in RECIPES:
+        raise ScyllaError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    clash = [key for key, value in RECIPES[recipe].items() if given.get(key) not in (None, value)]
+    if clash:
+        raise ScyllaError(f"--recipe {recipe} sets {', '.join(clash)}; leave those flags out or drop --recipe")
+    return dict(RECIPES[recipe])
 
 
 @dataclass

@@ -38,6 +38,7 @@ def run_cli(args, capsys):
     (["fit", "--csv", "missing.csv", "--x", "a", "--y", "b"], ""),
     (["train-draft", "--tokens", "4096", "--align-tokens", "10"], "--align-tokens"),
     (["train-draft", "--tokens", "4096", "--layers", "9"], "--layers"),
+    (["train-draft", "--tokens", "4096", "--recipe", "eagle2-style", "--fusion", "multi"], "--recipe eagle2-style"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(args, needle, capsys):
     code, err = run_cli(args, capsys)

@@ -11,8 +11,8 @@ from scylla.data import features_of
 from scylla.decoding import generate_ids
 from scylla.head import HeadDraft, export_head, load_head, save_head
 from scylla.train import (TrainConfig, check_train_config, collate, draft_vocab_map, feature_columns,
-                          head_loss, last_columns, length_grouped, make_head, resolved_precision, stored_layers,
-                          token_stream, train_head)
+                          head_loss, last_columns, length_grouped, make_head, recipe_settings, resolved_precision,
+                          stored_layers, token_stream, train_head)
 from tests.conftest import tiny_target
 from tests.test_engine import plain_greedy
 
@@ -166,6 +166,18 @@ def test_mismatched_target_and_corrupt_files_are_refused(tmp_path):
 def test_bad_training_config_is_refused(bad):
     with pytest.raises(ScyllaError):
         check_train_config(tiny_cfg(**bad))
+
+
+def test_a_recipe_sets_the_named_drafts_settings_and_refuses_a_clashing_flag():
+    none = dict(fusion=None, draft_vocab=None, ttt_steps=None, arch=None)
+    assert recipe_settings("eagle2-style", none) == dict(fusion="last", draft_vocab=0, ttt_steps=1, arch="eagle")
+    assert recipe_settings("scylla", none | dict(draft_vocab=12288))["arch"] == "eagle3"
+    assert recipe_settings(None, none | dict(ttt_steps=1)) == dict(fusion="multi", draft_vocab=8192, ttt_steps=1,
+                                                                  arch="eagle")
+    with pytest.raises(ScyllaError, match="sets draft_vocab"):
+        recipe_settings("eagle2-style", none | dict(draft_vocab=8192))
+    with pytest.raises(ScyllaError, match="--recipe must be"):
+        recipe_settings("eagle4", none)
 
 
 def test_head_draft_with_a_shared_prefill_matches_its_own_prefill(tmp_path):
