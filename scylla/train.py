@@ -42,15 +42,14 @@ LABELS = ("hard", "soft")
 RECIPES = {"scylla": dict(fusion="multi", draft_vocab=12288, ttt_steps=3, arch="eagle3"),
            "eagle3-style": dict(fusion="multi", draft_vocab=8192, ttt_steps=3, arch="eagle"),
            "eagle2-style": dict(fusion="last", draft_vocab=0, ttt_steps=1, arch="eagle")}
-RECIPE_DEFAULTS = dict(fusion="multi", draft_vocab=8192, ttt_steps=3, arch="eagle")
 
 
 def recipe_settings(recipe: str | None, given: dict) -> dict:
     """The recipe's fusion, vocabulary, TTT and architecture; flags given explicitly must agree
-    with it (a flag that silently lost to the recipe would train a different draft than asked)."""
+    with it (a flag that silently lost to the recipe would train a different draft than asked).
+    Without a recipe, the flags given; TrainConfig's defaults fill the rest."""
     if recipe is None:
-        return {key: given.get(key) if given.get(key) is not None else value
-                for key, value in RECIPE_DEFAULTS.items()}
+        return {key: value for key, value in given.items() if value is not None}
     if recipe not in RECIPES:
         raise ScyllaError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     clash = [key for key, value in RECIPES[recipe].items() if given.get(key) not in (None, value)]

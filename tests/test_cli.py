@@ -116,3 +116,12 @@ def test_batched_bench_and_tree_bench_on_the_real_target(tmp_path):
                      "--tree", "3,3,8", "--batch-size", batch, "--json", str(out)]) == 0
         report = json.loads(out.read_text())
         assert report["shape"] == "tree:3,3,8" and report["exact_match_rate"] == 1.0
+
+
+def test_the_cli_offers_exactly_the_training_recipes():
+    from scylla.cli import build_parser
+    from scylla.train import RECIPES
+
+    train = build_parser()._subparsers._group_actions[0].choices["train-draft"]
+    recipe = next(a for a in train._actions if a.dest == "recipe")
+    assert list(recipe.choices) == list(RECIPES)

@@ -172,8 +172,8 @@ def test_a_recipe_sets_the_named_drafts_settings_and_refuses_a_clashing_flag():
     none = dict(fusion=None, draft_vocab=None, ttt_steps=None, arch=None)
     assert recipe_settings("eagle2-style", none) == dict(fusion="last", draft_vocab=0, ttt_steps=1, arch="eagle")
     assert recipe_settings("scylla", none | dict(draft_vocab=12288))["arch"] == "eagle3"
-    assert recipe_settings(None, none | dict(ttt_steps=1)) == dict(fusion="multi", draft_vocab=8192, ttt_steps=1,
-                                                                  arch="eagle")
+    plain = TrainConfig(tokens=4096, **recipe_settings(None, none | dict(ttt_steps=1)))
+    assert (plain.fusion, plain.draft_vocab, plain.ttt_steps, plain.arch) == ("multi", 8192, 1, "eagle")
     with pytest.raises(ScyllaError, match="sets draft_vocab"):
         recipe_settings("eagle2-style", none | dict(draft_vocab=8192))
     with pytest.raises(ScyllaError, match="--recipe must be"):
