@@ -162,7 +162,18 @@ def build_prompt_set(target, n: int, seed: int = 0, shares: dict = SHARES, progr
                "sources": {name: {"generated": drawn[name], "kept": sum(p["source"].startswith(name) for p in added)}
                            for name in drawn}}
     write_provenance(provenance, tranche, len(prompts), n)
+    for partial in answers_dir().glob("magpie-draw-*.jsonl"):   # the tranche is written: its draws are done
+        partial.unlink()
     return prompts
+
+
+def magpie_draw_path(seed: int) -> Path:
+    """Where a tranche's Magpie draw keeps its requests batch by batch (resumed after a kill)."""
+    folder = answers_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"magpie-draw-{seed}.jsonl"
+    drop_cut_line(path)   # appends must start on a fresh line
+    return path
 
 
 def draw_tranche(target, n: int, seed: int, have: list[dict], shares: dict, progress,
@@ -174,7 +185,8 @@ def draw_tranche(target, n: int, seed: int, have: list[dict], shares: dict, prog
     raw = {"template": sources.template_prompts(want["template"], seed),
            "longtext": sources.longtext_prompts(want["longtext"], seed),
            "magpie": sources.magpie_prompts(target, want["magpie"], seed, batch=magpie_batch,
-                                            max_new_tokens=magpie_tokens, progress=progress)}
+                                            max_new_tokens=magpie_tokens, progress=progress,
+                                            resume=magpie_draw_path(seed))}
     banned = sources.eval_shingles() + [sources.shingles(p["prompt"]) for p in have]
     known = {p["question_id"] for p in have}
     kept = {name: [p for p in sources.dedup(rows, banned) if p["question_id"] not in known][:int(n * shares[name]) + 1]
@@ -184,7 +196,8 @@ def draw_tranche(target, n: int, seed: int, have: list[dict], shares: dict, prog
     short = n - len(added)
     if short > 0:   # a source ran dry (the templates repeat after a few thousand): Magpie fills the gap
         extra = sources.magpie_prompts(target, int(short * 1.15) + 8, seed + 1000, batch=magpie_batch,
-                                       max_new_tokens=magpie_tokens, progress=progress)
+                                       max_new_tokens=magpie_tokens, progress=progress,
+                                       resume=magpie_draw_path(seed + 1000))
         drawn["magpie"] += len(extra)
         banned += [sources.shingles(p["prompt"]) for p in added]
         added += sources.dedup([p for p in extra if p["question_id"] not in known], banned)[:short]

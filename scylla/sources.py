@@ -18,6 +18,7 @@ is dropped.
 from __future__ import annotations
 
 import gzip
+import json
 import random
 import re
 import subprocess
@@ -201,24 +202,43 @@ def usable_request(text: str) -> bool:
 
 @torch.inference_mode()
 def magpie_prompts(target, n: int, seed: int = 0, batch: int = 32, max_new_tokens: int = 96,
-                   progress=None) -> list[dict]:
-    """n user requests written by the target itself (T = 1, top-p 0.95), filtered."""
+                   progress=None, resume: Path | None = None) -> list[dict]:
+    """n user requests written by the target itself (T = 1, top-p 0.95), filtered. With
+    `resume`, each batch's kept requests are appended there, and a later call picks up after
+    the last recorded batch: a kill loses one batch, not the draw (each batch's sampling seed
+    depends only on its index, so the result is the same as an uninterrupted draw)."""
     from scylla.bulk import plain_answers
 
     opening = magpie_opening(target.tokenizer)
-    out, attempt = [], 0
-    while len(out) < n and attempt < 4 * n // batch + 4:
+    texts, attempt = read_magpie_draw(resume)
+    while len(texts) < n and attempt < 4 * n // batch + 4:
         ids = plain_answers(target, [opening] * batch, max_new_tokens, temperature=1.0, top_p=0.95,
                             seed=seed * 100003 + attempt)
+        kept = [text.strip() for text, row in ((target.tokenizer.decode(row, skip_special_tokens=True), row)
+                                                for row in ids)
+                if usable_request(text) and row[-1] in target.eos_ids]
+        texts += kept
+        if resume is not None:
+            with resume.open("a") as sink:
+                sink.write(json.dumps({"attempt": attempt, "kept": kept}) + "\n")
         attempt += 1
-        for row in ids:
-            text = target.tokenizer.decode(row, skip_special_tokens=True)
-            if usable_request(text) and row[-1] in target.eos_ids:
-                out.append({"prompt": text.strip(), "category": "magpie", "source": "magpie",
-                            "question_id": f"magpie-{seed}-{len(out)}"})
         if progress:
-            progress(len(out))
-    return out[:n]
+            progress(len(texts))
+    return [{"prompt": text, "category": "magpie", "source": "magpie", "question_id": f"magpie-{seed}-{i}"}
+            for i, text in enumerate(texts[:n])]
+
+
+def read_magpie_draw(path: Path | None) -> tuple[list[str], int]:
+    """The requests kept so far and the next batch's index; a line cut by a kill is dropped."""
+    texts, attempt = [], 0
+    for line in path.read_text().splitlines() if path is not None and path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        texts += record["kept"]
+        attempt = record["attempt"] + 1
+    return texts, attempt
 
 
 def template_prompts(n: int, seed: int = 0) -> list[dict]:

@@ -173,3 +173,36 @@ def test_a_captured_sequence_that_no_longer_matches_the_corpus_is_forwarded_agai
     assert torch.equal(kept.get("magpie-0-1", [5, 6, 7])["labels"], seq["labels"])
     assert kept.get("magpie-0-1", [5, 6, 9]) is None   # answered again after a kill: different tokens
     assert kept.get("magpie-0-2", [5, 6, 7]) is None
+
+
+def test_a_killed_magpie_draw_resumes_after_its_last_batch(chat_target, tmp_path, monkeypatch):
+    from scylla import bulk
+
+    seeds = []
+    eos = chat_target.eos_ids[0]
+
+    def fake_answers(target, prompts, max_new_tokens, temperature, top_p, seed):
+        seeds.append(seed)
+        return [[100 + seed % 97 + j, eos] for j in range(len(prompts))]
+
+    monkeypatch.setattr(bulk, "plain_answers", fake_answers)
+    monkeypatch.setattr(sources, "usable_request", lambda text: True)
+    whole = sources.magpie_prompts(chat_target, 10, seed=3, batch=2)
+
+    def killed_after_two_batches(kept):
+        if kept >= 4:
+            raise KeyboardInterrupt
+    draw = corpus.magpie_draw_path(3)
+    with pytest.raises(KeyboardInterrupt):
+        sources.magpie_prompts(chat_target, 10, seed=3, batch=2, progress=killed_after_two_batches, resume=draw)
+    with draw.open("a") as f:
+        f.write('{"attempt": 2, "ke')                  # a third batch's line, cut by the kill
+    seeds.clear()
+    resumed = sources.magpie_prompts(chat_target, 10, seed=3, batch=2, resume=corpus.magpie_draw_path(3))
+    assert resumed == whole
+    assert seeds == [3 * 100003 + attempt for attempt in (2, 3, 4)]   # only the batches not recorded
+
+
+def test_a_written_tranche_clears_its_magpie_draws(chat_target, small_long_texts):
+    corpus.build_prompt_set(chat_target, 24, seed=0, **CHEAP_MAGPIE)
+    assert not list(corpus.answers_dir().glob("magpie-draw-*.jsonl"))
