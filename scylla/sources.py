@@ -214,9 +214,7 @@ def magpie_prompts(target, n: int, seed: int = 0, batch: int = 32, max_new_token
     while len(texts) < n and attempt < 4 * n // batch + 4:
         ids = plain_answers(target, [opening] * batch, max_new_tokens, temperature=1.0, top_p=0.95,
                             seed=seed * 100003 + attempt)
-        kept = [text.strip() for text, row in ((target.tokenizer.decode(row, skip_special_tokens=True), row)
-                                                for row in ids)
-                if usable_request(text) and row[-1] in target.eos_ids]
+        kept = finished_requests(target, ids)
         texts += kept
         if resume is not None:
             with resume.open("a") as sink:
@@ -226,6 +224,12 @@ def magpie_prompts(target, n: int, seed: int = 0, batch: int = 32, max_new_token
             progress(len(texts))
     return [{"prompt": text, "category": "magpie", "source": "magpie", "question_id": f"magpie-{seed}-{i}"}
             for i, text in enumerate(texts[:n])]
+
+
+def finished_requests(target, ids: list[list[int]]) -> list[str]:
+    """The sampled user turns that ended (EOS) and pass `usable_request`."""
+    texts = [target.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+    return [text.strip() for text, row in zip(texts, ids) if usable_request(text) and row[-1] in target.eos_ids]
 
 
 def read_magpie_draw(path: Path | None) -> tuple[list[str], int]:
