@@ -68,11 +68,48 @@ def run_bench(target, draft, prompts: list[dict], max_new_tokens: int = 128, k: 
         else:
             (spec, steps), spec_s = timed(generate_ids, target, draft, ids, k=k, tree=tree, **decode)
         rows.append({"category": p["category"], "base": base, "base_s": base_s, "spec": spec, "spec_s": spec_s,
-                     "steps": steps, "plain": plain, "plain_s": plain_s, "plain_steps": plain_steps})
+                     "steps": steps, "plain": plain, "plain_s": plain_s, "plain_steps": plain_steps,
+                     "prompt_tokens": len(ids)})
     report = bench_report(rows, target, draft_spec, temperature, top_p, batch_size, k, max_new_tokens)
+    report.update(decode_rates(rows))
     if tree is not None:
         report.update({"shape": str(tree), "k": None, "tree_nodes_mean": mean_tree_size(rows)})
     return report
+
+
+def decode_rates(rows: list[dict]) -> dict:
+    """One prompt at a time: tokens/s with the prefill forward and its first token taken out
+    (what llama.cpp reports as eval speed), and the prefill's own prompt tokens/s."""
+
+    def decode_tps(out_key, seconds_key, steps_key):
+        tokens = sum(max(len(r[out_key]) - 1, 0) for r in rows)
+        seconds = sum(r[seconds_key] - r[steps_key][0].verify_ms / 1e3 for r in rows)
+        return round(tokens / seconds, 3) if seconds > 0 else None
+
+    prefill_s = sum(r["plain_steps"][0].verify_ms for r in rows) / 1e3
+    plain, spec = decode_tps("plain", "plain_s", "plain_steps"), decode_tps("spec", "spec_s", "steps")
+    return {"plain_decode_tokens_per_s": plain, "decode_tokens_per_s": spec,
+            "decode_spec_gain": round(spec / plain, 4) if plain and spec else None,
+            "prefill_tokens_per_s": round(sum(r["prompt_tokens"] for r in rows) / prefill_s, 1),
+            "first_token_s_max": round(max(r["plain_steps"][0].verify_ms for r in rows) / 1e3, 4)}
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The index of the first token where two outputs differ (None: identical)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def agreement(rows: list[dict]) -> dict:
+    """Speculative against the engine's own plain decoding (losslessness on this forward),
+    and the engine's plain decoding against generate() on the fp32 model (what a quantized
+    forward changes): the share identical and where the first difference falls."""
+    firsts = [first_difference(r["plain"], r["base"]) for r in rows]
+    differing = sorted(f for f in firsts if f is not None)
+    return {"spec_plain_match_rate": sum(r["spec"] == r["plain"] for r in rows) / len(rows),
+            "plain_first_diff_median": differing[len(differing) // 2] if differing else None}
 
 
 def mean_tree_size(rows: list[dict]) -> float:
@@ -93,6 +130,7 @@ def bench_report(rows, target, draft_spec, temperature, top_p, batch_size, k, ma
     by_cat = group_rows(rows)
     summary["by_category"] = {c: category_summary(rs) for c, rs in by_cat.items()}
     summary.update(forward_costs(rows))
+    summary.update(agreement(rows))
     summary.update({"n_prompts": len(rows), "target": target.name, "quant": target.quant,
                     "backend": target.forward.backend, "kernels": target.kernels,
                     "draft": draft_spec, "device": device_name(target), "batch_size": batch_size,

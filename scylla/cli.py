@@ -51,10 +51,15 @@ def draft_length(text: str) -> int | str:
 
 
 def add_decode_flags(p: argparse.ArgumentParser) -> None:
+    from scylla.lean import BACKENDS
+    from scylla.models import DEFAULT_QUANT, QUANTS
+
     p.add_argument("--target", default="smollm2", help="bundled 'smollm2' or a local transformers model folder")
-    p.add_argument("--quant", default="none", choices=["none", "int8", "nf4"])
+    p.add_argument("--quant", default=DEFAULT_QUANT, choices=QUANTS,
+                   help="q4: the GGUF's own 4-bit blocks on the int4 CPU kernel (default); none: the "
+                        "dequantized fp32 reference; int8, nf4")
     p.add_argument("--device", default="auto")
-    p.add_argument("--backend", default="lean", choices=["lean", "hf"],
+    p.add_argument("--backend", default="lean", choices=BACKENDS,
                    help="lean: the engine's own fused forward (default); hf: the transformers forward (reference)")
     p.add_argument("--draft", default="ngram", help="none | ngram | layerskip:K | scylla | eagle3-style | eagle2-style | FOLDER; SPEC+ngram: SPEC, copying where the context repeats")
     p.add_argument("--k", type=draft_length, default=None,
@@ -221,7 +226,6 @@ def check_flags(args) -> None:
     """Validate decoding flags before paying for a model load."""
     from scylla.decoding import check_decode_args
     from scylla.drafts import check_draft_spec, default_shape
-    from scylla.models import QUANTS
 
     check_draft_spec(args.draft)
     args.k, args.tree = default_shape(args.draft, args.k, args.tree, args.temperature,
@@ -231,8 +235,6 @@ def check_flags(args) -> None:
         from scylla.decoding import TreeShape
 
         args.tree = TreeShape.parse(args.tree)
-    if args.quant not in QUANTS:
-        raise ScyllaError(f"unknown --quant {args.quant!r}")
 
 
 def cmd_build_corpus(args) -> int:

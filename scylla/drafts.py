@@ -160,7 +160,9 @@ class LayerSkipDraft(Draft):
             raise ScyllaError("layerskip runs on the lean forward; it cannot read bitsandbytes weights "
                               "(use --quant none, or int8 on CPU)")
         self.name = f"layerskip:{layers}"
-        self.lm = LeanLM(target.model, target.lean_quant, layers=layers)
+        fwd = target.forward
+        # the target's own kernels and weights, shared; transformers' forward has none to share
+        self.lm = fwd.first_layers(layers) if hasattr(fwd, "first_layers") else LeanLM(target.model, layers=layers)
         self.reset()
 
     def reset(self):

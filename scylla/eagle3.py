@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from scylla import ScyllaError
-from scylla.lean import KVCache, Linear, apply_rope, rope_table
+from scylla.kernels import Linear
+from scylla.lean import KVCache, apply_rope, rope_table
 
 ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
 CONFIG = "config.json"

@@ -26,7 +26,8 @@ from transformers import LlamaConfig, LlamaModel
 
 from scylla import ScyllaError
 from scylla import eagle3
-from scylla.lean import KVCache, LeanStack, Linear, draft_linear_kind
+from scylla.kernels import Linear, draft_linear_kind
+from scylla.lean import KVCache, LeanStack
 from scylla.proposals import Draft, DraftTree, logits_to_probs, sample
 
 WEIGHTS = "model.safetensors"

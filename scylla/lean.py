@@ -12,105 +12,16 @@ drafting; the engine and the drafts use `forward`, `KVCache.keep` and `KVCache.s
 """
 from __future__ import annotations
 
-import functools
-import os
-import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from scylla import ScyllaError
+from scylla.kernels import BlockEmbedding, Int4Linear, Linear, linear_kind
+from scylla.q4 import GGUFWeights, concat_rows
 
 BACKENDS = ("lean", "hf")
-
-
-# ---------------------------------------------------------------- linears
-
-def can_prepack(device) -> bool:
-    return str(device).startswith("cpu") and torch.backends.mkldnn.is_available()
-
-
-class Linear:
-    """y = x @ W.T, with W prepacked for oneDNN on CPU (one reorder at load, none per call)."""
-
-    def __init__(self, weight: torch.Tensor, kind: str = "fp32"):
-        weight = weight.detach().contiguous()
-        self.out_features = weight.shape[0]
-        self.kind = kind
-        if kind == "int8":
-            self.weight = int8_prepack(weight)
-        elif kind == "packed":
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-        elif kind == "bf16":
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.bfloat16(), None)
-        else:
-            self.weight = weight
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "packed":
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
-        if self.kind == "int8":
-            return torch.ops.quantized.linear_dynamic(x, self.weight, INT8_REDUCE_RANGE)
-        if self.kind == "bf16":
-            out = torch.ops.mkldnn._linear_pointwise(x.bfloat16(), self.weight, None, "none", [], "")
-            return out.to(x.dtype)
-        return F.linear(x, self.weight)
-
-
-@functools.cache
-def cpu_flags() -> str:
-    try:
-        return open("/proc/cpuinfo").read()
-    except OSError:
-        return ""
-
-
-def cpu_has_vnni() -> bool:
-    flags = cpu_flags()
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
-def cpu_has_bf16() -> bool:
-    flags = cpu_flags()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-# Without VNNI, fbgemm's u8 x s8 pairs can saturate 16-bit sums, so activations keep 7 bits;
-# with VNNI the full 8 bits are exact and agree markedly better with fp32 (measured).
-INT8_REDUCE_RANGE = not cpu_has_vnni()
-DRAFT_BF16 = os.environ.get("SCYLLA_DRAFT_BF16", "1") != "0"   # 0: drafts in the target's fp32 kernels
-
-
-def int8_prepack(weight: torch.Tensor):
-    """Per-output-channel symmetric int8 weights for PyTorch's dynamic int8 linear (fbgemm)."""
-    scale = weight.abs().amax(1).clamp_min(1e-8) / 127.0
-    with warnings.catch_warnings():  # PyTorch marks its quantized tensors deprecated; the kernels remain
-        warnings.simplefilter("ignore")
-        return _int8_prepack(weight, scale)
-
-
-def _int8_prepack(weight, scale):
-    q = torch.quantize_per_channel(weight.float(), scale.double(), torch.zeros_like(scale, dtype=torch.long),
-                                   0, torch.qint8)
-    return torch.ops.quantized.linear_prepack(q, None)
-
-
-def linear_kind(device, quant: str, dtype=torch.float32) -> str:
-    if quant == "int8":
-        if not str(device).startswith("cpu"):
-            raise ScyllaError("the lean int8 path runs on CPU; on CUDA use --backend hf --quant int8 (bitsandbytes)")
-        return "int8"
-    return "packed" if can_prepack(device) and dtype == torch.float32 else "fp32"
-
-
-def draft_linear_kind(device, dtype=torch.float32) -> str:
-    """A draft only proposes (the target judges every token), so on a CPU with native bf16
-    its weights run in bf16: its single-row products are memory-bound, and bf16 halves the
-    bytes (measured 2.6x faster for the 12,288-row output projection). Its q at T > 0 is
-    whatever it proposed with, so acceptance stays exact."""
-    if DRAFT_BF16 and can_prepack(device) and cpu_has_bf16() and dtype == torch.float32:
-        return "bf16"
-    return linear_kind(device, "none", dtype)
 
 
 # ---------------------------------------------------------------- KV cache
@@ -229,31 +140,53 @@ def rope_theta_of(config) -> float:
 
 # ---------------------------------------------------------------- the stack
 
+@dataclass
+class LayerWeights:
+    """One decoder layer as the lean forward runs it: fused projections and two norms."""
+
+    qkv: object
+    o: object
+    gate_up: object
+    down: object
+    n1: torch.Tensor
+    n2: torch.Tensor
+
+    @classmethod
+    def from_module(cls, layer, kind: str) -> "LayerWeights":
+        a, m = layer.self_attn, layer.mlp
+        if any(getattr(p, "bias", None) is not None for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)):
+            raise ScyllaError("lean forward supports bias-free Llama attention only; use --backend hf")
+        return cls(qkv=Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), kind),
+                   o=Linear(a.o_proj.weight, kind),
+                   gate_up=Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), kind),
+                   down=Linear(m.down_proj.weight, kind),
+                   n1=layer.input_layernorm.weight.detach(),
+                   n2=layer.post_attention_layernorm.weight.detach())
+
+    @classmethod
+    def from_blocks(cls, b: dict) -> "LayerWeights":
+        """From a GGUF layer's own blocks (scylla.q4), run by the int4 kernel."""
+        return cls(qkv=Int4Linear(concat_rows([b["q"], b["k"], b["v"]])), o=Int4Linear(b["o"]),
+                   gate_up=Int4Linear(concat_rows([b["gate"], b["up"]])), down=Int4Linear(b["down"]),
+                   n1=b["n1"], n2=b["n2"])
+
+
 class LeanStack:
     """Llama decoder layers plus the final norm, as fused and prepacked weights."""
 
     def __init__(self, layers, norm, config, kind: str, device):
+        """layers: transformers decoder layers, or LayerWeights already built (shared)."""
         self.hidden = config.hidden_size
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.heads
         self.eps = config.rms_norm_eps
         self.theta = rope_theta_of(config)
-        self.layers = [self.fuse_layer(layer, kind) for layer in layers]
-        self.norm = norm.weight.detach()
+        self.layers = [layer if isinstance(layer, LayerWeights) else LayerWeights.from_module(layer, kind)
+                       for layer in layers]
+        self.norm = norm if isinstance(norm, torch.Tensor) else norm.weight.detach()
         self.device = device
         self.cos = self.sin = torch.empty(0)
-
-    def fuse_layer(self, layer, kind: str) -> dict:
-        a, m = layer.self_attn, layer.mlp
-        if any(getattr(p, "bias", None) is not None for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)):
-            raise ScyllaError("lean forward supports bias-free Llama attention only; use --backend hf")
-        return dict(qkv=Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), kind),
-                    o=Linear(a.o_proj.weight, kind),
-                    gate_up=Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), kind),
-                    down=Linear(m.down_proj.weight, kind),
-                    n1=layer.input_layernorm.weight.detach(),
-                    n2=layer.post_attention_layernorm.weight.detach())
 
     def new_cache(self, rows: int, capacity: int, dtype=torch.float32) -> KVCache:
         self.ensure_rope(capacity)
@@ -279,6 +212,9 @@ class LeanStack:
         span = int(cache.lengths.max()) + width
         same = bool((cache.lengths == cache.lengths[0]).all())
         kept = {0: x} if 0 in keep_layers else {}
+        if not isinstance(allowed, str):
+            allowed = attention_bias(allowed, rows, width, span, min(-(-span // SPAN_BLOCK) * SPAN_BLOCK,
+                                     cache.capacity), self.heads // self.kv_heads, x.dtype, x.device)
         flat = x.reshape(rows * width, self.hidden)
         for i, p in enumerate(self.layers):
             flat = self.layer(flat, p, cache, i, rows, width, cos, sin, slots, span, same, allowed)
@@ -289,8 +225,21 @@ class LeanStack:
             kept[len(self.layers)] = out
         return out, kept
 
+    def attend(self, q, keys, values, bias):
+        """Attention over the cache as two matmuls, each query row computed alone: a token's
+        output is bitwise the same whether it is verified in a block of 8 or decoded alone
+        (SDPA's kernel is not: its last bits depend on the block), so greedy speculative
+        decoding reproduces plain decoding even where the q4 target's bf16 roundings would
+        turn such bits into a different token. bias: attention_bias, shared by the layers."""
+        rows, _, width, dim = q.shape
+        padded, group = bias.shape[-1], self.heads // self.kv_heads
+        grouped = q.reshape(rows, self.kv_heads, group * width, dim)   # the query heads of each kv head
+        scores = torch.matmul(grouped, keys[:, :, :padded].transpose(-1, -2)).mul_(dim ** -0.5).add_(bias)
+        out = torch.matmul(torch.softmax(scores, -1), values[:, :, :padded])
+        return out.view(rows, self.heads, width, dim)
+
     def layer(self, flat, p, cache, i, rows, width, cos, sin, slots, span, same, allowed):
-        qkv = p["qkv"](torch.rms_norm(flat, (self.hidden,), p["n1"], self.eps))
+        qkv = p.qkv(torch.rms_norm(flat, (self.hidden,), p.n1, self.eps))
         qkv = qkv.view(rows, width, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
         qk = apply_rope(qkv[:, :self.heads + self.kv_heads], cos, sin)   # q and k rotated at once
         q, k = qk[:, :self.heads], qk[:, self.heads:]
@@ -304,13 +253,29 @@ class LeanStack:
             row_idx = torch.arange(rows, device=flat.device)[:, None]
             keys[row_idx, :, slots] = k.transpose(1, 2)
             values[row_idx, :, slots] = v.transpose(1, 2)
-        causal = isinstance(allowed, str)
-        o = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span],
-                                           attn_mask=None if causal else allowed, is_causal=causal,
-                                           enable_gqa=self.heads != self.kv_heads)
-        flat = flat + p["o"](o.transpose(1, 2).reshape(rows * width, self.heads * self.head_dim))
-        gate, up = p["gate_up"](torch.rms_norm(flat, (self.hidden,), p["n2"], self.eps)).chunk(2, -1)
-        return flat + p["down"](F.silu(gate) * up)
+        if isinstance(allowed, str):   # a prefill: SDPA's causal kernel
+            o = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], is_causal=True,
+                                               enable_gqa=self.heads != self.kv_heads)
+        else:
+            o = self.attend(q, keys, values, allowed)
+        flat = flat + p.o(o.transpose(1, 2).reshape(rows * width, self.heads * self.head_dim))
+        gate, up = p.gate_up(torch.rms_norm(flat, (self.hidden,), p.n2, self.eps)).chunk(2, -1)
+        return flat + p.down(F.silu(gate) * up)
+
+
+SPAN_BLOCK = 64   # attention reads the cache in whole blocks: the same blocks at every block width
+
+
+def attention_bias(allowed, rows: int, width: int, span: int, padded: int, group: int, dtype, device):
+    """Additive mask [B, 1, group * W, padded]: 0 where a query may look (`allowed` [B, 1, W,
+    span], None: everything up to span), -inf elsewhere, the padding past span included."""
+    if allowed is None:
+        ok = (torch.arange(padded, device=device) < span).expand(rows, 1, width, padded)
+    else:
+        ok = torch.zeros(rows, 1, width, padded, dtype=torch.bool, device=device)
+        ok[..., :span] = allowed
+    ok = ok[:, :, None].expand(rows, 1, group, width, padded).reshape(rows, 1, group * width, padded)
+    return torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
 
 
 def block_positions(lengths: torch.Tensor, offsets: torch.Tensor | None, width: int) -> torch.Tensor:
@@ -345,24 +310,48 @@ class LeanLM:
 
     backend = "lean"
 
-    def __init__(self, model, quant: str = "none", layers: int | None = None):
-        """layers: run only the first `layers` decoder layers (a layer-skip draft)."""
+    def __init__(self, model, quant: str = "none", layers: int | None = None, gguf: GGUFWeights | None = None):
+        """layers: run only the first `layers` decoder layers (a layer-skip draft).
+        quant "q4": the linears, embedding and head from `gguf`, the file's own blocks."""
         check_llama_shaped(model)
         weight = model.get_input_embeddings().weight
         device = weight.device
-        self.kind = linear_kind(device, quant, weight.dtype)
         inner = model.model
-        self.stack = LeanStack(list(inner.layers)[:layers], inner.norm, model.config, self.kind, device)
-        self.embed = model.get_input_embeddings().weight.detach()
-        self.head = Linear(model.get_output_embeddings().weight, self.kind)
+        if quant == "q4":
+            if gguf is None:
+                raise ScyllaError("--quant q4 runs a GGUF's own blocks; this target has no GGUF file")
+            self.kind = "int4"
+            fused = [LayerWeights.from_blocks(b) for b in gguf.layers[:layers]]
+            self.stack = LeanStack(fused, gguf.norm, model.config, self.kind, device)
+            self.embed = BlockEmbedding(gguf.embed)
+            self.head = Int4Linear(gguf.head)
+            self.head_rows = self.embed if gguf.head is gguf.embed else BlockEmbedding(gguf.head)
+        else:
+            self.kind = linear_kind(device, quant, weight.dtype)
+            self.stack = LeanStack(list(inner.layers)[:layers], inner.norm, model.config, self.kind, device)
+            self.embed = weight.detach()
+            self.head = Linear(model.get_output_embeddings().weight, self.kind)
         self.vocab = self.head.out_features
         self.n_layers = len(self.stack.layers)
         self.device = device
+
+    def first_layers(self, layers: int) -> "LeanLM":
+        """The same weights (shared, not copied) with only the first `layers` decoder layers."""
+        twin = object.__new__(LeanLM)
+        twin.__dict__.update(self.__dict__)
+        twin.stack = object.__new__(LeanStack)
+        twin.stack.__dict__.update(self.stack.__dict__)
+        twin.stack.layers = self.stack.layers[:layers]
+        twin.stack.cos = twin.stack.sin = torch.empty(0)
+        twin.n_layers = layers
+        return twin
 
     @property
     def kernels(self) -> str:
         return {"packed": "lean forward, oneDNN-prepacked fp32 linears",
                 "int8": "lean forward, PyTorch dynamic int8 linears (fbgemm)",
+                "int4": "lean forward, the GGUF's Q4_1 blocks on PyTorch's int4 CPU kernel "
+                        "(bf16 activations); Q8_0 embedding and head as two int4 halves",
                 "fp32": "lean forward, fp32 F.linear"}[self.kind]
 
     def new_cache(self, rows: int, capacity: int) -> KVCache:
@@ -385,8 +374,26 @@ class LeanLM:
         out, kept = self.stack.run(x, cache, positions, allowed, features)
         if logits_at is not None:
             out = out.gather(1, logits_at.to(self.device)[..., None].expand(-1, -1, out.shape[-1]))
-        logits = self.head(out.reshape(-1, out.shape[-1])).view(rows, -1, self.vocab)
-        return logits, concat_features(kept, features)
+        flat = out.reshape(-1, out.shape[-1])
+        logits = self.head(flat)
+        if self.kind == "int4":
+            logits = refine_top(logits, flat, self.head_rows)
+        return logits.view(rows, -1, self.vocab), concat_features(kept, features)
+
+
+TOP_MARGIN = 2 ** -5   # relative: far above the bf16 rounding of activations, scales and outputs
+
+
+def refine_top(logits: torch.Tensor, hidden: torch.Tensor, head_rows) -> torch.Tensor:
+    """The int4 kernel returns bf16 logits: 1/16 apart near 10, so the top two tie or swap
+    on a last-bit change upstream and greedy decoding would follow noise. The logits within
+    a margin of each row's best are recomputed in fp32 from the head's own blocks (a few
+    rows of 576 products), so the argmax is decided at fp32 precision again."""
+    top = logits.max(-1, keepdim=True).values
+    near = (logits >= top - TOP_MARGIN * top.abs().clamp_min(1.0)).nonzero()
+    rows, cols = near[:, 0], near[:, 1]
+    logits[rows, cols] = (head_rows[cols] * hidden[rows]).sum(-1)
+    return logits
 
 
 def concat_features(kept: dict, features: tuple[int, ...]):
@@ -460,11 +467,15 @@ class HFForward:
         return logits.float(), feats
 
 
-def make_forward(model, backend: str = "lean", quant: str = "none"):
-    """The forward the engine runs: lean where the target is Llama-shaped and unquantized
-    by bitsandbytes, else transformers'."""
+def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ScyllaError(f"unknown --backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def make_forward(model, backend: str = "lean", quant: str = "none", gguf: GGUFWeights | None = None):
+    """The forward the engine runs: lean where the target is Llama-shaped and unquantized
+    by bitsandbytes, else transformers'."""
+    check_backend(backend)
     if backend == "hf":
         return HFForward(model)
-    return LeanLM(model, quant)
+    return LeanLM(model, quant, gguf=gguf)

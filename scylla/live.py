@@ -25,11 +25,11 @@ import pandas as pd
 from scylla import ScyllaError
 from scylla.plots import COLORS
 from scylla.trace import Step, per_position_accept
+from scylla.models import DEFAULT_QUANT, QUANTS  # noqa: F401  (the page's choices)
 
 GENERATION_LOCK = threading.Lock()
 MAX_PROMPT_CHARS = 4000
 LIVE_DRAFTS = ("scylla", "scylla+ngram", "eagle3-style", "eagle2-style", "ngram", "layerskip")
-QUANTS = ("none", "int8", "nf4")
 
 _LOADED: dict = {"targets": {}, "drafts": []}
 _LOADED_LOCK = threading.Lock()
@@ -73,7 +73,7 @@ def target_spec() -> str:
     return os.environ.get("SCYLLA_TARGET", "smollm2")
 
 
-def load_live_target(quant: str = "none", device: str = "auto"):
+def load_live_target(quant: str = DEFAULT_QUANT, device: str = "auto"):
     from scylla.models import load_target
 
     if quant not in QUANTS:
@@ -96,7 +96,7 @@ _TARGETS: dict = {}
 _TARGET_LOCKS: dict = {}
 
 
-def live_target(quant: str = "none"):
+def live_target(quant: str = DEFAULT_QUANT):
     """The live target, loaded once per process and quantization. Thread-safe: the page's
     warm-up thread and a click on Generate may ask at the same moment; one loads, the
     other waits for it."""

