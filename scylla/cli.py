@@ -165,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
                                      "default: start a local Ray")
     s.add_argument("--cpus-per-point", type=positive_int, default=1, help="ray: CPUs each point's task declares")
 
+    pe = sub.add_parser("peers", help="the same prompts on llama.cpp and vLLM CPU (own venvs) and this engine; rows to the store")
+    pe.add_argument("--prompts", required=True)
+    pe.add_argument("--limit", type=positive_int, default=None)
+    pe.add_argument("--engines", default="scylla,llamacpp", help="comma-separated: scylla, llamacpp, vllm")
+    pe.add_argument("--draft", default="scylla", help="this engine's draft; its EAGLE-3 export drafts for vLLM")
+    pe.add_argument("--k", type=positive_int, default=3, help="chain length for the drafted peers (and a chain row here)")
+    pe.add_argument("--max-new-tokens", type=positive_int, default=128)
+    pe.add_argument("--temperature", type=float, default=0.0)
+    pe.add_argument("--seed", type=int, default=0)
+    pe.add_argument("--timeout-s", type=positive_int, default=3600, help="per peer configuration")
+    pe.add_argument("--db", default=None, help="store the rows here (one transaction)")
+    pe.add_argument("--json", dest="json_out", default=None)
     r = sub.add_parser("recommend", help="the draft and draft length the laws predict fastest; --check measures it")
     r.add_argument("--config", required=True, help="the sweep config whose evaluation set-up (and training) to use")
     r.add_argument("--batch", type=positive_int, default=1)
@@ -317,6 +329,35 @@ def cmd_sweep(args) -> int:
     return sweep_command(args)
 
 
+def cmd_peers(args) -> int:
+    from scylla.data import load_prompts
+    from scylla.drafts import check_draft_spec
+    from scylla.models import load_target
+    from scylla.peers import check_engines, compare
+    from scylla.store import init_db, write_runs_atomic
+
+    engines = check_engines([e.strip() for e in args.engines.split(",") if e.strip()])
+    check_draft_spec(args.draft)
+    if args.temperature < 0:
+        raise ScyllaError(f"temperature must be >= 0, got {args.temperature}")
+    prompts = load_prompts(args.prompts, args.limit)
+    if args.db:
+        init_db(args.db)   # a bad store path fails now, not after an hour of decoding
+    target = load_target()
+    outcome = compare(target, prompts, engines, args.draft, args.k, args.max_new_tokens, args.temperature,
+                      args.seed, Path(args.prompts).name, args.timeout_s)
+    if args.db and outcome.rows:
+        write_runs_atomic(args.db, outcome.rows)
+    if args.json_out:
+        write_json(args.json_out, {"engines": outcome.report, "errors": outcome.errors})
+    for name, s in outcome.report.items():
+        print(f"{name}: {s['tokens_per_s']} tok/s end to end, {s['decode_tokens_per_s']} decode only"
+              + (f", tau {s['tau']}" if s.get("tau") else ""), file=sys.stderr)
+    for line in outcome.errors:
+        print(f"scylla: {line}", file=sys.stderr)
+    return 1 if outcome.errors else 0
+
+
 def cmd_recommend(args) -> int:
     from scylla.sweep import recommend_command
 
@@ -337,7 +378,7 @@ def write_json(path: str, obj: dict) -> None:
 
 COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "build-corpus": cmd_build_corpus,
             "train-draft": cmd_train_draft, "export-draft": cmd_export_draft, "fit": cmd_fit, "sweep": cmd_sweep,
-            "recommend": cmd_recommend}
+            "recommend": cmd_recommend, "peers": cmd_peers}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -155,14 +155,15 @@ class Int4Linear:
             raise ScyllaError(f"no int4 kernel for {blocks.kind} blocks")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if x.dim() != 2:
+            return self(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
+        x = x.to(torch.bfloat16)
         if self.twice:
             x = torch.cat([x, x], -1)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, GROUP, self.table)
         if out.shape[-1] != self.out_features:
             out = out[:, :self.out_features]
-        return out.float().view(*shape[:-1], self.out_features)
+        return out.float()
 
 
 class BlockEmbedding:

@@ -129,6 +129,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with rotate-half's sign folded in (its first half negated), for apply_rope_signed."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], -1)
+
+
+def apply_rope_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """apply_rope in three ops instead of seven (same numbers: only where a sign sits moves)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
+
+
 def rope_theta_of(config) -> float:
     params = getattr(config, "rope_parameters", None) or {}
     theta = params.get("rope_theta") if isinstance(params, dict) else None
@@ -186,7 +197,7 @@ class LeanStack:
                        for layer in layers]
         self.norm = norm if isinstance(norm, torch.Tensor) else norm.weight.detach()
         self.device = device
-        self.cos = self.sin = torch.empty(0)
+        self.cos = self.sin = self.sin_signed = torch.empty(0)
 
     def new_cache(self, rows: int, capacity: int, dtype=torch.float32) -> KVCache:
         self.ensure_rope(capacity)
@@ -198,6 +209,7 @@ class LeanStack:
             # a half-precision stack rotates in its own dtype: SDPA wants q, k and v alike
             low = self.norm.dtype in (torch.float16, torch.bfloat16)
             self.cos, self.sin = (cos.to(self.norm.dtype), sin.to(self.norm.dtype)) if low else (cos, sin)
+            self.sin_signed = signed_sin(self.sin)
 
     def run(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor, allowed: torch.Tensor | None,
             keep_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -207,14 +219,14 @@ class LeanStack:
         rows, width, _ = x.shape
         cache.check_room(width)
         self.ensure_rope(int(positions.max()) + 1)
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]   # [B, 1, W, D]
+        cos, sin = self.cos[positions][:, None], self.sin_signed[positions][:, None]   # [B, 1, W, D]
         slots = (cache.lengths[:, None] + torch.arange(width)[None]).to(x.device)  # [B, W]
         span = int(cache.lengths.max()) + width
         same = bool((cache.lengths == cache.lengths[0]).all())
         kept = {0: x} if 0 in keep_layers else {}
         if not isinstance(allowed, str):
             allowed = attention_bias(allowed, rows, width, span, min(-(-span // SPAN_BLOCK) * SPAN_BLOCK,
-                                     cache.capacity), self.heads // self.kv_heads, x.dtype, x.device)
+                                     cache.capacity), self.heads, self.kv_heads, x.dtype, x.device)
         flat = x.reshape(rows * width, self.hidden)
         for i, p in enumerate(self.layers):
             flat = self.layer(flat, p, cache, i, rows, width, cos, sin, slots, span, same, allowed)
@@ -233,15 +245,16 @@ class LeanStack:
         turn such bits into a different token. bias: attention_bias, shared by the layers."""
         rows, _, width, dim = q.shape
         padded, group = bias.shape[-1], self.heads // self.kv_heads
-        grouped = q.reshape(rows, self.kv_heads, group * width, dim)   # the query heads of each kv head
-        scores = torch.matmul(grouped, keys[:, :, :padded].transpose(-1, -2)).mul_(dim ** -0.5).add_(bias)
-        out = torch.matmul(torch.softmax(scores, -1), values[:, :, :padded])
+        grouped = q.reshape(rows * self.kv_heads, group * width, dim)   # the query heads of each kv head
+        past = keys[:, :, :padded].reshape(rows * self.kv_heads, padded, dim)
+        scores = torch.baddbmm(bias, grouped, past.transpose(-1, -2), alpha=dim ** -0.5)
+        out = torch.bmm(torch.softmax(scores, -1), values[:, :, :padded].reshape(rows * self.kv_heads, padded, dim))
         return out.view(rows, self.heads, width, dim)
 
     def layer(self, flat, p, cache, i, rows, width, cos, sin, slots, span, same, allowed):
         qkv = p.qkv(torch.rms_norm(flat, (self.hidden,), p.n1, self.eps))
         qkv = qkv.view(rows, width, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
-        qk = apply_rope(qkv[:, :self.heads + self.kv_heads], cos, sin)   # q and k rotated at once
+        qk = apply_rope_signed(qkv[:, :self.heads + self.kv_heads], cos, sin)   # q and k rotated at once
         q, k = qk[:, :self.heads], qk[:, self.heads:]
         v = qkv[:, self.heads + self.kv_heads:]
         keys, values = cache.keys[i], cache.values[i]
@@ -266,15 +279,18 @@ class LeanStack:
 SPAN_BLOCK = 64   # attention reads the cache in whole blocks: the same blocks at every block width
 
 
-def attention_bias(allowed, rows: int, width: int, span: int, padded: int, group: int, dtype, device):
-    """Additive mask [B, 1, group * W, padded]: 0 where a query may look (`allowed` [B, 1, W,
-    span], None: everything up to span), -inf elsewhere, the padding past span included."""
+def attention_bias(allowed, rows: int, width: int, span: int, padded: int, heads: int, kv_heads: int, dtype,
+                   device):
+    """Additive mask [B * kv_heads, group * W, padded] (group = query heads per kv head): 0 where
+    a query may look (`allowed` [B, 1, W, span], None: everything up to span), -inf elsewhere,
+    the padding past span included."""
+    group = heads // kv_heads
     if allowed is None:
         ok = (torch.arange(padded, device=device) < span).expand(rows, 1, width, padded)
     else:
         ok = torch.zeros(rows, 1, width, padded, dtype=torch.bool, device=device)
         ok[..., :span] = allowed
-    ok = ok[:, :, None].expand(rows, 1, group, width, padded).reshape(rows, 1, group * width, padded)
+    ok = ok[:, :, None].expand(rows, kv_heads, group, width, padded).reshape(rows * kv_heads, group * width, padded)
     return torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
 
 
@@ -342,7 +358,7 @@ class LeanLM:
         twin.stack = object.__new__(LeanStack)
         twin.stack.__dict__.update(self.stack.__dict__)
         twin.stack.layers = self.stack.layers[:layers]
-        twin.stack.cos = twin.stack.sin = torch.empty(0)
+        twin.stack.cos = twin.stack.sin = twin.stack.sin_signed = torch.empty(0)
         twin.n_layers = layers
         return twin
 

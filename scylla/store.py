@@ -32,7 +32,7 @@ import pandas as pd
 
 from scylla import ScyllaError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 LOCK_WAIT_S = 5.0            # how long a connect retries a lock conflict before giving up
 AXES = ("tokens", "layers", "batch")
 METRICS = ("tau", "accept_rate", "speedup", "spec_gain", "throughput")
@@ -99,7 +99,16 @@ _V4 = [
     "UPDATE runs SET draft = regexp_extract(draft, '[^/]+$') WHERE draft LIKE '/%'",
 ]
 
-MIGRATIONS = {1: _V1, 2: _V2, 3: _V3, 4: _V4}
+# v5: peers in the loop (`scylla peers`): which engine ran (name and version; NULL: this
+# engine, as every earlier row), its settings, and decode-only / prefill speeds
+_V5 = [
+    "ALTER TABLE runs ADD COLUMN engine VARCHAR",
+    "ALTER TABLE runs ADD COLUMN engine_settings VARCHAR",
+    "ALTER TABLE runs ADD COLUMN decode_tokens_per_s DOUBLE",
+    "ALTER TABLE runs ADD COLUMN prefill_tokens_per_s DOUBLE",
+]
+
+MIGRATIONS = {1: _V1, 2: _V2, 3: _V3, 4: _V4, 5: _V5}
 
 
 def schema_version(con) -> int:
