@@ -298,14 +298,15 @@ def cmd_export_draft(args) -> int:
 
 
 def draft_source(spec: str) -> Path:
-    """A draft folder, or a named draft where it is shipped or trained."""
+    """A named draft where it is shipped or trained, else a draft folder. The name wins:
+    from the project root `scylla` is also the package's folder, which holds no draft."""
     from scylla.drafts import NAMED_DRAFTS
     from scylla.head import named_draft_dir
 
-    if Path(spec).is_dir():
-        return Path(spec)
     if spec in NAMED_DRAFTS:
         return named_draft_dir(spec)
+    if Path(spec).is_dir():
+        return Path(spec)
     raise ScyllaError(f"{spec}: no such draft folder or named draft ({', '.join(NAMED_DRAFTS)})")
 
 

@@ -181,6 +181,13 @@ class Outcome:
     errors: list[str]       # one line per peer that failed
 
 
+def fp32_twin(target):
+    """The same loaded model on the fp32 lean forward (--quant none)."""
+    from scylla.models import Target
+
+    return Target(target.model, target.tokenizer, target.name, "none", target.device, target.backend)
+
+
 def encode_all(target, prompts: list[dict], max_new_tokens: int) -> list[dict]:
     from scylla.bench import encode_checked
 
@@ -230,8 +237,11 @@ def compare(target, prompts: list[dict], engines: list[str], draft_name: str, k:
         kk, tree = default_shape(draft_name, None, None, temperature, 1)
         configs = [("none", None, 1, None), (draft_name, make_draft(draft_name, target), kk, tree),
                    (f"{draft_name}, chain:{k}", make_draft(draft_name, target), k, None)]
+        if target.quant != "none":   # the fp32 reference of the same file, same run
+            configs.append(("none, fp32 reference", None, 1, None))
         for label, draft, dk, dtree in configs:
-            lines = our_rows(target, draft, encoded, {**base, "k": dk, "tree": dtree})
+            runner = fp32_twin(target) if label.endswith("fp32 reference") else target
+            lines = our_rows(runner, draft, encoded, {**base, "k": dk, "tree": dtree})
             summary = summarize_rows(lines)
             if draft is not None:
                 stats = summarize([s for r in lines for s in r["steps"]])
@@ -239,10 +249,10 @@ def compare(target, prompts: list[dict], engines: list[str], draft_name: str, k:
                                 "per_position_accept": [round(x, 4) for x in stats.per_position_accept]})
             plain = plain or {r["question_id"]: r["tokens"] for r in lines}
             report[f"{OURS} | {label}"] = summary
-            settings = {"quant": target.quant, "kernels": target.kernels, "k": dk, "tree": str(dtree) if dtree else None,
+            settings = {"quant": runner.quant, "kernels": runner.kernels, "k": dk, "tree": str(dtree) if dtree else None,
                         "temperature": temperature, "max_new_tokens": max_new_tokens, "threads": base["threads"]}
             summary["exact_match_rate"] = match_rate(lines, plain)
-            rows.append(store_row(OURS, label, summary, settings, prompt_set, target.name, target.quant,
+            rows.append(store_row(OURS, label, summary, settings, prompt_set, target.name, runner.quant,
                                   report[f"{OURS} | none"]))
     with tempfile.TemporaryDirectory(prefix="scylla-eagle3-") as tmp:
         base_name = draft_name.split("+")[0]

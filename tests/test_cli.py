@@ -125,3 +125,12 @@ def test_the_cli_offers_exactly_the_training_recipes():
     train = build_parser()._subparsers._group_actions[0].choices["train-draft"]
     recipe = next(a for a in train._actions if a.dest == "recipe")
     assert list(recipe.choices) == list(RECIPES)
+
+
+def test_a_named_draft_wins_over_the_package_folder_of_the_same_name(tmp_path, capsys, monkeypatch):
+    """From the project root `scylla` is also a folder (the package); export must take the draft."""
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parent.parent)
+    out = tmp_path / "eagle3"
+    code = main(["export-draft", "scylla", "--format", "eagle3", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
