@@ -41,8 +41,8 @@ def overview() -> None:
         st.write("Drafts loaded:", ", ".join(loaded["drafts"]) or "none yet")
     else:
         name = "SmolLM2-135M-Instruct" if live.target_spec() == "smollm2" else live.target_spec()
-        st.write(f"Target: **{name}**, quantization none, device auto (CUDA when available, "
-                 "else CPU); it loads on the first live run. Default draft: **ngram**.")
+        st.write(f"Target: **{name}**, quantization **{live.DEFAULT_QUANT}** ({live.QUANT_KERNELS[live.DEFAULT_QUANT]}), "
+                 f"on the CPU; it loads on the first live run. Default draft: **{live.default_draft()}**.")
 
     st.subheader("What the store holds")
     db = studio.db_path()

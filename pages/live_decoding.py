@@ -28,9 +28,7 @@ st.caption("The target decodes the prompt twice: plainly, one token per forward,
 
 with st.sidebar:
     st.header("Settings")
-    quant = st.selectbox("Target quantization", live.QUANTS, key="quant",
-                         help="int8 on CPU: PyTorch's int8 kernels, faster but a different target "
-                              "(66% token agreement with fp32 here); nf4 and CUDA int8: bitsandbytes.")
+    quant = st.selectbox("Target quantization", live.QUANTS, key="quant", help=live.quant_help())
     draft_kind = st.selectbox("Draft", live.LIVE_DRAFTS, index=live.LIVE_DRAFTS.index(live.default_draft()),
                               key="draft_kind",
                               help="scylla / eagle*-style are trained feature heads; ngram copies "

@@ -94,7 +94,7 @@ def decode_group(lm: LeanLM, prompts: list[list[int]], max_new_tokens: int, temp
     dev = lm.device
     rows = len(prompts)
     cache = lm.new_cache(rows, max(map(len, prompts)) + max_new_tokens + 1)
-    nxt = pick(lm.head(prefill_into(lm, cache, prompts, pad_id, prefill_tokens, capture)).float(),
+    nxt = pick(lm.logits(prefill_into(lm, cache, prompts, pad_id, prefill_tokens, capture)).float(),
                temperature, top_p, generator)
     eos = torch.tensor(eos_ids or [-1], device=dev)
     out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=dev)
@@ -121,7 +121,7 @@ def decode_group(lm: LeanLM, prompts: list[list[int]], max_new_tokens: int, temp
         span = int(cache.lengths.max()) + 1
         allowed = (torch.arange(span, device=dev)[None] <= lengths[:, None])[:, None, None, :]
         hidden, kept = lm.stack.run(lm.embed[nxt][:, None], cache, lengths[:, None], allowed, keep)
-        logits = lm.head(hidden[:, 0]).float()
+        logits = lm.logits(hidden[:, 0]).float()
         if capture:
             capture.answer_step(alive, t, kept, logits)
             if last_step or bool(done.all()):
@@ -135,7 +135,7 @@ def decode_group(lm: LeanLM, prompts: list[list[int]], max_new_tokens: int, temp
 def greedy_labels(lm: LeanLM, flat: torch.Tensor, label_rows: int) -> torch.Tensor:
     """The target's greedy next token at each row of normed hidden states [N, H], through
     the LM head `label_rows` at a time (bounded logits)."""
-    return torch.cat([lm.head(flat[i:i + label_rows]).argmax(-1) for i in range(0, len(flat), label_rows)])
+    return torch.cat([lm.logits(flat[i:i + label_rows]).argmax(-1) for i in range(0, len(flat), label_rows)])
 
 
 class FeatureCapture:

@@ -51,8 +51,7 @@ def draft_length(text: str) -> int | str:
 
 
 def add_decode_flags(p: argparse.ArgumentParser) -> None:
-    from scylla.lean import BACKENDS
-    from scylla.models import DEFAULT_QUANT, QUANTS
+    from scylla.options import BACKENDS, DEFAULT_QUANT, QUANTS
 
     p.add_argument("--target", default="smollm2", help="bundled 'smollm2' or a local transformers model folder")
     p.add_argument("--quant", default=DEFAULT_QUANT, choices=QUANTS,

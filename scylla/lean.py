@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from scylla import ScyllaError
 from scylla.kernels import BlockEmbedding, Int4Linear, Linear, linear_kind
+from scylla.options import BACKENDS
 from scylla.q4 import GGUFWeights, concat_rows
 
-BACKENDS = ("lean", "hf")
 
 
 # ---------------------------------------------------------------- KV cache
@@ -177,9 +177,9 @@ class LayerWeights:
     @classmethod
     def from_blocks(cls, b: dict) -> "LayerWeights":
         """From a GGUF layer's own blocks (scylla.q4), run by the int4 kernel."""
-        return cls(qkv=Int4Linear(concat_rows([b["q"], b["k"], b["v"]])), o=Int4Linear(b["o"]),
-                   gate_up=Int4Linear(concat_rows([b["gate"], b["up"]])), down=Int4Linear(b["down"]),
-                   n1=b["n1"], n2=b["n2"])
+        return cls(qkv=Int4Linear(concat_rows([b["q"], b["k"], b["v"]]), wide=True), o=Int4Linear(b["o"], wide=True),
+                   gate_up=Int4Linear(concat_rows([b["gate"], b["up"]]), wide=True),
+                   down=Int4Linear(b["down"], wide=True), n1=b["n1"], n2=b["n2"])
 
 
 class LeanStack:
@@ -225,8 +225,7 @@ class LeanStack:
         same = bool((cache.lengths == cache.lengths[0]).all())
         kept = {0: x} if 0 in keep_layers else {}
         if not isinstance(allowed, str):
-            allowed = attention_bias(allowed, rows, width, span, min(-(-span // SPAN_BLOCK) * SPAN_BLOCK,
-                                     cache.capacity), self.heads, self.kv_heads, x.dtype, x.device)
+            allowed = attention_bias(allowed, self.heads, self.kv_heads, cache.keys[0].dtype)
         flat = x.reshape(rows * width, self.hidden)
         for i, p in enumerate(self.layers):
             flat = self.layer(flat, p, cache, i, rows, width, cos, sin, slots, span, same, allowed)
@@ -237,22 +236,25 @@ class LeanStack:
             kept[len(self.layers)] = out
         return out, kept
 
-    def attend(self, q, keys, values, bias):
-        """Attention over the cache as two matmuls, each query row computed alone: a token's
-        output is bitwise the same whether it is verified in a block of 8 or decoded alone
-        (SDPA's kernel is not: its last bits depend on the block), so greedy speculative
-        decoding reproduces plain decoding even where the q4 target's bf16 roundings would
-        turn such bits into a different token. bias: attention_bias, shared by the layers."""
+    def attend(self, q, keys, values, span, bias):
+        """Attention over the cache as two matmuls, in the cache's dtype: float64 for the q4
+        target. A token's output must be bitwise the same whether it is decoded alone or
+        verified in a block (a chain, or a tree whose node sits after masked siblings): its
+        sums over the cache then run in another order, and the q4 target's bf16 roundings
+        would turn the last-bit difference into another token on about one prompt in five
+        (measured). Summed in float64 and rounded to float32, order no longer shows.
+        bias: attention_bias (None: no mask), shared by the layers."""
         rows, _, width, dim = q.shape
-        padded, group = bias.shape[-1], self.heads // self.kv_heads
-        grouped = q.reshape(rows * self.kv_heads, group * width, dim)   # the query heads of each kv head
-        past = keys[:, :, :padded].reshape(rows * self.kv_heads, padded, dim)
-        scores = torch.baddbmm(bias, grouped, past.transpose(-1, -2), alpha=dim ** -0.5)
-        out = torch.bmm(torch.softmax(scores, -1), values[:, :, :padded].reshape(rows * self.kv_heads, padded, dim))
-        return out.view(rows, self.heads, width, dim)
+        group, n = self.heads // self.kv_heads, rows * self.kv_heads
+        grouped = q.to(keys.dtype).reshape(n, group * width, dim)   # the query heads of each kv head
+        past = keys[:, :, :span].reshape(n, span, dim).transpose(-1, -2)
+        scores = (torch.bmm(grouped, past) if bias is None else torch.baddbmm(bias, grouped, past)).mul_(dim ** -0.5)
+        out = torch.bmm(torch.softmax(scores, -1), values[:, :, :span].reshape(n, span, dim))
+        return out.to(q.dtype).view(rows, self.heads, width, dim)
 
     def layer(self, flat, p, cache, i, rows, width, cos, sin, slots, span, same, allowed):
-        qkv = p.qkv(torch.rms_norm(flat, (self.hidden,), p.n1, self.eps))
+        prefill = isinstance(allowed, str)   # a prompt over an empty cache: the wide kernels
+        qkv = p.qkv(torch.rms_norm(flat, (self.hidden,), p.n1, self.eps), prefill)
         qkv = qkv.view(rows, width, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
         qk = apply_rope_signed(qkv[:, :self.heads + self.kv_heads], cos, sin)   # q and k rotated at once
         q, k = qk[:, :self.heads], qk[:, self.heads:]
@@ -264,34 +266,29 @@ class LeanStack:
             values[:, :, start:start + width] = v
         else:
             row_idx = torch.arange(rows, device=flat.device)[:, None]
-            keys[row_idx, :, slots] = k.transpose(1, 2)
-            values[row_idx, :, slots] = v.transpose(1, 2)
-        if isinstance(allowed, str):   # a prefill: SDPA's causal kernel
-            o = F.scaled_dot_product_attention(q, keys[:, :, :span], values[:, :, :span], is_causal=True,
-                                               enable_gqa=self.heads != self.kv_heads)
+            keys[row_idx, :, slots] = k.transpose(1, 2).to(keys.dtype)
+            values[row_idx, :, slots] = v.transpose(1, 2).to(values.dtype)
+        if prefill:   # SDPA's causal kernel; in bf16 where the prompt's products already are
+            low = torch.bfloat16 if getattr(p.qkv, "wide", None) is not None else q.dtype
+            o = F.scaled_dot_product_attention(q.to(low), keys[:, :, :span].to(low), values[:, :, :span].to(low),
+                                               is_causal=True, enable_gqa=self.heads != self.kv_heads).to(q.dtype)
         else:
-            o = self.attend(q, keys, values, allowed)
-        flat = flat + p.o(o.transpose(1, 2).reshape(rows * width, self.heads * self.head_dim))
-        gate, up = p.gate_up(torch.rms_norm(flat, (self.hidden,), p.n2, self.eps)).chunk(2, -1)
-        return flat + p.down(F.silu(gate) * up)
+            o = self.attend(q, keys, values, span, allowed)
+        flat = flat + p.o(o.transpose(1, 2).reshape(rows * width, self.heads * self.head_dim), prefill)
+        gate, up = p.gate_up(torch.rms_norm(flat, (self.hidden,), p.n2, self.eps), prefill).chunk(2, -1)
+        return flat + p.down(F.silu(gate) * up, prefill)
 
 
-SPAN_BLOCK = 64   # attention reads the cache in whole blocks: the same blocks at every block width
-
-
-def attention_bias(allowed, rows: int, width: int, span: int, padded: int, heads: int, kv_heads: int, dtype,
-                   device):
-    """Additive mask [B * kv_heads, group * W, padded] (group = query heads per kv head): 0 where
-    a query may look (`allowed` [B, 1, W, span], None: everything up to span), -inf elsewhere,
-    the padding past span included."""
-    group = heads // kv_heads
+def attention_bias(allowed, heads: int, kv_heads: int, dtype):
+    """Additive mask [B * kv_heads, group * W, span] (group = query heads per kv head) from
+    `allowed` [B, 1, W, span]: 0 where a query may look, -inf elsewhere; None stays None
+    (one row, one token: it sees everything)."""
     if allowed is None:
-        ok = (torch.arange(padded, device=device) < span).expand(rows, 1, width, padded)
-    else:
-        ok = torch.zeros(rows, 1, width, padded, dtype=torch.bool, device=device)
-        ok[..., :span] = allowed
-    ok = ok[:, :, None].expand(rows, kv_heads, group, width, padded).reshape(rows * kv_heads, group * width, padded)
-    return torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
+        return None
+    rows, _, width, span = allowed.shape
+    group = heads // kv_heads
+    ok = allowed[:, :, None].expand(rows, kv_heads, group, width, span).reshape(rows * kv_heads, group * width, span)
+    return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, float("-inf"))
 
 
 def block_positions(lengths: torch.Tensor, offsets: torch.Tensor | None, width: int) -> torch.Tensor:
@@ -371,7 +368,9 @@ class LeanLM:
                 "fp32": "lean forward, fp32 F.linear"}[self.kind]
 
     def new_cache(self, rows: int, capacity: int) -> KVCache:
-        return self.stack.new_cache(rows, capacity, self.embed.dtype)
+        # q4: keys and values kept in float64 so that attention sums do not depend on their order
+        dtype = torch.float64 if self.kind == "int4" else self.embed.dtype
+        return self.stack.new_cache(rows, capacity, dtype)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: KVCache, offsets: torch.Tensor | None = None,
@@ -390,11 +389,15 @@ class LeanLM:
         out, kept = self.stack.run(x, cache, positions, allowed, features)
         if logits_at is not None:
             out = out.gather(1, logits_at.to(self.device)[..., None].expand(-1, -1, out.shape[-1]))
-        flat = out.reshape(-1, out.shape[-1])
+        return self.logits(out.reshape(-1, out.shape[-1])).view(rows, -1, self.vocab), concat_features(kept, features)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on normed hidden states [..., H] -> [..., vocab]."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
         logits = self.head(flat)
         if self.kind == "int4":
             logits = refine_top(logits, flat, self.head_rows)
-        return logits.view(rows, -1, self.vocab), concat_features(kept, features)
+        return logits.view(*hidden.shape[:-1], self.vocab)
 
 
 TOP_MARGIN = 2 ** -5   # relative: far above the bf16 rounding of activations, scales and outputs

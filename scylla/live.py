@@ -9,6 +9,7 @@ serialises generation on it so that concurrent sessions never interleave forward
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import statistics
@@ -25,7 +26,7 @@ import pandas as pd
 from scylla import ScyllaError
 from scylla.plots import COLORS
 from scylla.trace import Step, per_position_accept
-from scylla.models import DEFAULT_QUANT, QUANTS  # noqa: F401  (the page's choices)
+from scylla.options import DEFAULT_QUANT, QUANTS  # noqa: F401  (the page's choices)
 
 GENERATION_LOCK = threading.Lock()
 MAX_PROMPT_CHARS = 4000
@@ -86,6 +87,7 @@ def load_live_target(quant: str = DEFAULT_QUANT, device: str = "auto"):
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ScyllaError(f"Cannot load the target with quantization {quant!r}: {first}. "
                           f"Try quantization 'none'.") from exc
+    target.drop_reference_weights()   # the app decodes on the engine's forward only
     with _LOADED_LOCK:
         _LOADED["targets"][quant] = {"target": target.name, "quant": target.quant,
                                      "device": target.device, "kernels": getattr(target, "kernels", None)}
@@ -165,6 +167,32 @@ def load_live_draft(spec: str, target):
         if spec not in _LOADED["drafts"]:
             _LOADED["drafts"].append(spec)
     return draft
+
+
+QUANT_KERNELS = {
+    "q4": "the GGUF's own Q4_1 blocks on PyTorch's int4 CPU kernel (bf16 activations; its Q8_0 "
+          "embedding and head too), the default",
+    "none": "the fp32 reference: the same file dequantized, on oneDNN-prepacked fp32 linears",
+    "int8": "PyTorch's dynamic int8 linears on CPU (66% token agreement with fp32 here); bitsandbytes on CUDA",
+    "nf4": "bitsandbytes nf4 on the transformers forward",
+}
+AGREEMENT_FILE = Path(__file__).resolve().parent.parent / "assets" / "bench" / "v12_q4_plain.json"
+
+
+def quant_help() -> str:
+    """The quantization box's help: which kernels each choice runs, and how far q4's output
+    is from fp32's, as last measured by `scylla bench --draft none` (its committed JSON)."""
+    lines = [f"{name}: {text}." for name, text in QUANT_KERNELS.items()]
+    try:
+        bench = json.loads(AGREEMENT_FILE.read_text())
+    except (OSError, ValueError):
+        return "\n\n".join(lines)
+    rate, first = bench.get("plain_exact_match_rate"), bench.get("plain_first_diff_median")
+    if rate is not None:
+        lines.append(f"Measured: q4's greedy output equals fp32 generate()'s on {rate:.0%} of "
+                     f"{bench['n_prompts']} prompts ({bench['max_new_tokens']} tokens); where they "
+                     f"differ, the first difference falls at token {first} (median).")
+    return "\n\n".join(lines)
 
 
 def kernels_caption(target) -> str:

@@ -28,7 +28,7 @@ SUPPORTED = ("Q4_1", "Q8_0", "F32", "F16")
 class Blocks:
     """A [rows, cols] weight as groups of 32 along each row: w = d * q + m."""
 
-    q: torch.Tensor       # int32 [rows, cols]; 0..15 for Q4_1, -128..127 for Q8_0
+    q: torch.Tensor       # [rows, cols]; uint8 0..15 for Q4_1, int8 for Q8_0 (a byte each)
     d: torch.Tensor       # float32 [rows, cols / 32]
     m: torch.Tensor       # float32 [rows, cols / 32] (zeros for Q8_0)
     kind: str             # "Q4_1" | "Q8_0"
@@ -50,7 +50,7 @@ def q4_1_blocks(raw: np.ndarray, rows: int, cols: int) -> Blocks:
     packed = blocks[..., 4:]
     # ggml keeps weight j of a block in the low nibble of byte j and weight j + 16 in its high one
     q = np.concatenate([packed & 0x0F, packed >> 4], -1).reshape(rows, cols)
-    return Blocks(torch.from_numpy(q.astype(np.int32)), torch.from_numpy(d.astype(np.float32)),
+    return Blocks(torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(d.astype(np.float32)),
                   torch.from_numpy(m.astype(np.float32)), "Q4_1")
 
 
@@ -60,7 +60,7 @@ def q8_0_blocks(raw: np.ndarray, rows: int, cols: int) -> Blocks:
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
     q = blocks[..., 2:].copy().view(np.int8).reshape(rows, cols)
     d32 = torch.from_numpy(d.astype(np.float32))
-    return Blocks(torch.from_numpy(q.astype(np.int32)), d32, torch.zeros_like(d32), "Q8_0")
+    return Blocks(torch.from_numpy(np.ascontiguousarray(q)), d32, torch.zeros_like(d32), "Q8_0")
 
 
 def unpermute_rows(rows: int, n_head: int) -> torch.Tensor:

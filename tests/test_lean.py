@@ -139,13 +139,28 @@ def test_bf16_draft_linears_are_near_fp32_and_chosen_only_with_native_bf16(monke
     want, got = torch.nn.functional.linear(x, weight), lean.Linear(weight, "bf16")(x)
     assert got.dtype == torch.float32 and 0 < (got - want).abs().max() < 0.02 * want.abs().max()
     monkeypatch.setattr(lean, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(lean, "DRAFT_INT4", False)       # SCYLLA_DRAFT_INT4=0
     assert lean.draft_linear_kind("cpu") == "bf16"
     assert lean.draft_linear_kind("cpu", torch.float16) != "bf16"
+    monkeypatch.setattr(lean, "DRAFT_INT4", True)
+    assert lean.draft_linear_kind("cpu") == ("int4" if lean.int4_available() else "bf16")
+    monkeypatch.setattr(lean, "DRAFT_INT4", False)
     monkeypatch.setattr(lean, "DRAFT_BF16", False)       # SCYLLA_DRAFT_BF16=0
     assert lean.draft_linear_kind("cpu") == "packed"
     monkeypatch.setattr(lean, "DRAFT_BF16", True)
     monkeypatch.setattr(lean, "cpu_has_bf16", lambda: False)
     assert lean.draft_linear_kind("cpu") == "packed"
+
+
+def test_int4_draft_linears_are_near_fp32():
+    import scylla.kernels as kernels
+
+    if not kernels.int4_available():
+        pytest.skip("no native bf16: drafts stay bf16 or fp32")
+    gen = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(300, 64, generator=gen) * 0.05, torch.randn(3, 64, generator=gen)
+    want, got = torch.nn.functional.linear(x, weight), kernels.Linear(weight, "int4")(x)
+    assert got.dtype == torch.float32 and 0 < (got - want).abs().max() < 0.1 * want.abs().max()
 
 
 # ---------------------------------------------------------------- the real bundled target

@@ -191,23 +191,36 @@ def test_layerskip_on_q4_shares_the_targets_packed_weights(tmp_path):
 
 
 def exact_joint_34_q4(target, prompt, temperature, top_p):
-    """Exact P(x3, x4) of plain sampling on the q4 forward, by enumeration."""
+    """Exact P(x3, x4) of plain sampling on the q4 forward, by enumeration, each token's
+    distribution computed as plain decoding computes it: the prompt's forward (prefill
+    kernels), then one token per forward (the int4 kernel)."""
     from scylla.decoding import logits_to_probs
 
     fwd, vocab = target.forward, target.model.config.vocab_size
+    cache = fwd.new_cache(1, len(prompt) + 8)
+    logits, _ = fwd.forward(torch.tensor([prompt]), cache)
+    cache.keep(0, list(range(len(prompt))))
+    base = len(prompt)
 
-    def dist(seq):
-        logits, _ = fwd.forward(torch.tensor([seq]), fwd.new_cache(1, len(seq) + 4))
+    def probs(logits):
         return logits_to_probs(logits[:, -1].double(), temperature, top_p)[0].double()
 
+    def step(tokens):
+        """The distribution after decoding `tokens` one at a time past the prompt."""
+        cache.set_length(0, base)
+        for tok in tokens:
+            out, _ = fwd.forward(torch.tensor([[tok]]), cache)
+            cache.keep(0, [0])
+        return probs(out)
+
     joint = torch.zeros(vocab, vocab, dtype=torch.float64)
-    p1 = dist(prompt)
+    p1 = probs(logits)
     for x1 in range(vocab):
-        p2 = dist(prompt + [x1])
+        p2 = step([x1])
         for x2 in range(vocab):
-            p3 = dist(prompt + [x1, x2])
+            p3 = step([x1, x2])
             for x3 in range(vocab):
-                joint[x3] += p1[x1] * p2[x2] * p3[x3] * dist(prompt + [x1, x2, x3])
+                joint[x3] += p1[x1] * p2[x2] * p3[x3] * step([x1, x2, x3])
     return joint.numpy()
 
 

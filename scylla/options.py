@@ -1,0 +1,6 @@
+"""The choices a user picks from, defined once and free of heavy imports (the CLI's parser
+and the app's widgets read them before torch loads)."""
+
+QUANTS = ("q4", "none", "int8", "nf4")   # q4: the GGUF's own blocks; none: the fp32 reference
+DEFAULT_QUANT = "q4"
+BACKENDS = ("lean", "hf")                # lean: the engine's own forward; hf: transformers'
