@@ -42,7 +42,22 @@ def overview() -> None:
     else:
         name = "SmolLM2-135M-Instruct" if live.target_spec() == "smollm2" else live.target_spec()
         st.write(f"Target: **{name}**, quantization **{live.DEFAULT_QUANT}** ({live.QUANT_KERNELS[live.DEFAULT_QUANT]}), "
-                 f"on the CPU; it loads on the first live run. Default draft: **{live.default_draft()}**.")
+                 f"on the CPU; it loads on the first live run. Default draft: **{live.default_draft(live.DEFAULT_QUANT)}**.")
+
+    st.subheader("Against the engines you know")
+    peer_rows = studio.peer_comparison(studio.db_path()) if studio.db_path().is_file() else None
+    if peer_rows is None or not len(peer_rows):
+        st.info("No peer comparison stored yet: `scylla peers --prompts assets/sweep_prompts.jsonl "
+                "--engines scylla,llamacpp,vllm --db results.duckdb` measures llama.cpp and vLLM CPU "
+                "on the same prompts and token ids as this engine.")
+    else:
+        st.caption(f"`scylla peers` on {peer_rows['prompt_set'].iloc[0]} ({int(peer_rows['n_prompts'].iloc[0])} "
+                   "prompts, same token ids for every engine, one prompt at a time), from the store.")
+        st.plotly_chart(plots.peers_figure(peer_rows), width="stretch", key="peers")
+        accept = studio.peer_acceptance(peer_rows)
+        if accept:
+            st.plotly_chart(plots.peer_acceptance_figure(accept), width="stretch", key="peer_accept")
+        st.dataframe(peer_rows.drop(columns=["notes", "per_position_accept"], errors="ignore"), hide_index=True)
 
     st.subheader("What the store holds")
     db = studio.db_path()

@@ -29,7 +29,7 @@ st.caption("The target decodes the prompt twice: plainly, one token per forward,
 with st.sidebar:
     st.header("Settings")
     quant = st.selectbox("Target quantization", live.QUANTS, key="quant", help=live.quant_help())
-    draft_kind = st.selectbox("Draft", live.LIVE_DRAFTS, index=live.LIVE_DRAFTS.index(live.default_draft()),
+    draft_kind = st.selectbox("Draft", live.LIVE_DRAFTS, index=live.LIVE_DRAFTS.index(live.default_draft(quant)),
                               key="draft_kind",
                               help="scylla / eagle*-style are trained feature heads; ngram copies "
                                    "from the prompt; scylla+ngram copies where the context repeats a "
@@ -41,11 +41,14 @@ with st.sidebar:
     temperature = st.slider("Temperature", 0.0, 1.5, 0.0, 0.05, key="temperature")
     top_p = st.slider("Top-p", 0.05, 1.0, 1.0, 0.05, key="top_p")
     shape = st.radio("Draft shape", live.SHAPES, horizontal=True, key="shape",
-                     index=live.SHAPES.index(live.default_shape(draft_kind)),
+                     index=live.SHAPES.index(live.default_shape(draft_kind, quant)),
                      help="chain: k tokens in a row; tree: an EAGLE-2 dynamic tree verified in one forward.")
     if shape == "chain":
-        k = st.slider("Chain length k (draft tokens per step)", 1, 12, 6, key="k")
-        depth, topk, total = k, 1, k
+        auto_k = st.toggle("k chosen per step (auto)", value=live.default_auto_k(quant), key="auto_k",
+                           help="The draft length that measured verify cost and acceptance say pays, "
+                                "each step (0: plain); on the q4 target verifies cost more with width.")
+        k = "auto" if auto_k else st.slider("Chain length k (draft tokens per step)", 1, 12, 6, key="k")
+        depth = topk = total = 1
     else:
         tree_depth, tree_topk, tree_total = live.default_tree(temperature)
         depth = st.slider("Tree depth", 1, 8, tree_depth, key="tree_depth")
@@ -177,7 +180,7 @@ if go_clicked:
 
     result = {"plain": live.Transcript(target.tokenizer, speculative=False),
               "speculative": live.Transcript(target.tokenizer, speculative=True),
-              "draft": spec_name, "k": int(k), "shape": live.tree_spec(shape, depth, topk, total) or f"chain:{k}"}
+              "draft": spec_name, "k": live.chart_k(k), "shape": live.tree_spec(shape, depth, topk, total) or f"chain:{k}"}
     gen_seed = int(seed) if temperature > 0 else None
     try:
         waiting = slots["plain"]["text"]
@@ -186,7 +189,7 @@ if go_clicked:
             shared = live.prompt_prefill(target, prompt_ids)  # often done already
             plain_steps = plain_generate(target, prompt_ids, int(max_tokens), temperature, top_p,
                                          seed=gen_seed, shared_prefill=shared)
-            spec_steps = speculative_generate(target, draft, prompt_ids, int(max_tokens), int(k),
+            spec_steps = speculative_generate(target, draft, prompt_ids, int(max_tokens), k,
                                               temperature, top_p, seed=gen_seed,
                                               tree=live.tree_spec(shape, depth, topk, total),
                                               shared_prefill=shared)

@@ -78,7 +78,7 @@ def main() -> int:
     ap.add_argument("--draft", default="scylla")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    target = load_target()
+    target = load_target(quant="none")   # the fp32 rows in docs/results.md
     hf_target = replace(target, backend="hf", _forward=None)
     cfg = target.model.config
     forward = measure_verify_costs(target, 1, args.kmax, 128, args.repeats)

@@ -44,7 +44,7 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    fp32 = load_target()
+    fp32 = load_target(quant="none")
     int8 = replace(fp32, quant="int8", _forward=None)
     rows = eval_prompts()[::max(1, len(eval_prompts()) // args.limit)][:args.limit]
     agree = total = same = 0

@@ -233,6 +233,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def runs_q4(args) -> str:
+    """The quant the target will run, for the default draft shape (q4 falls back off the CPU)."""
+    from scylla.models import pick_device
+
+    on_cpu = pick_device(args.device) == "cpu" and args.backend == "lean"
+    return "q4" if args.quant == "q4" and on_cpu else "none"
+
+
 def check_flags(args) -> None:
     """Validate decoding flags before paying for a model load."""
     from scylla.decoding import check_decode_args
@@ -240,7 +248,7 @@ def check_flags(args) -> None:
 
     check_draft_spec(args.draft)
     args.k, args.tree = default_shape(args.draft, args.k, args.tree, args.temperature,
-                                     getattr(args, "batch_size", 1))
+                                     getattr(args, "batch_size", 1), runs_q4(args))
     check_decode_args(args.max_new_tokens, args.temperature, args.top_p, args.k)
     if args.tree:
         from scylla.decoding import TreeShape

@@ -155,11 +155,12 @@ def match_rate(rows: list[dict], reference: dict[str, list[int]]) -> float | Non
 
 
 def store_row(engine: str, draft: str, summary: dict, settings: dict, prompt_set: str, target: str,
-              quant: str, baseline: dict | None) -> dict:
+              quant: str, baseline: dict | None, run_id: str = "") -> dict:
     """One runs row: `engine` and its settings, speeds against this engine's plain decoding
     on the same prompts (`speedup` column: tokens/s over that baseline)."""
     base = baseline["tokens_per_s"] if baseline else None
     row = {"engine": engine, "engine_settings": json.dumps(settings, sort_keys=True), "command": "scylla peers",
+           "notes": run_id,
            "target": target, "quant": quant, "draft": draft, "temperature": settings["temperature"],
            "top_p": 1.0, "k": settings.get("k") if isinstance(settings.get("k"), int) else None,
            "batch": 1, "prompt_set": prompt_set, "n_prompts": summary["n_prompts"],
@@ -228,13 +229,16 @@ def compare(target, prompts: list[dict], engines: list[str], draft_name: str, k:
     from scylla.drafts import default_shape, make_draft
     from scylla.trace import summarize
 
+    import uuid
+
     encoded = encode_all(target, prompts, max_new_tokens)
+    run_id = f"peers:{uuid.uuid4().hex[:12]}"   # the rows of one comparison, as the app groups them
     base = {"prompts": encoded, "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
             "threads": __import__("torch").get_num_threads(), "eos_ids": target.eos_ids, "k": k,
             "n_ctx": min(target.max_positions, 4096), "draft_name": draft_name}
     rows, report, errors, plain = [], {}, [], None
     if "scylla" in engines:
-        kk, tree = default_shape(draft_name, None, None, temperature, 1)
+        kk, tree = default_shape(draft_name, None, None, temperature, 1, target.quant)
         configs = [("none", None, 1, None), (draft_name, make_draft(draft_name, target), kk, tree),
                    (f"{draft_name}, chain:{k}", make_draft(draft_name, target), k, None)]
         if target.quant != "none":   # the fp32 reference of the same file, same run
@@ -253,7 +257,7 @@ def compare(target, prompts: list[dict], engines: list[str], draft_name: str, k:
                         "temperature": temperature, "max_new_tokens": max_new_tokens, "threads": base["threads"]}
             summary["exact_match_rate"] = match_rate(lines, plain)
             rows.append(store_row(OURS, label, summary, settings, prompt_set, target.name, runner.quant,
-                                  report[f"{OURS} | none"]))
+                                  report[f"{OURS} | none"], run_id))
     with tempfile.TemporaryDirectory(prefix="scylla-eagle3-") as tmp:
         base_name = draft_name.split("+")[0]
         draft_dir = export_for_vllm(base_name, Path(tmp) / "eagle3") if "vllm" in engines else None
@@ -271,5 +275,5 @@ def compare(target, prompts: list[dict], engines: list[str], draft_name: str, k:
                 settings = {k2: v for k2, v in request.items() if k2 not in ("prompts", "eos_ids")}
                 quant = {"llamacpp": "q4_1 (its own kernels)", "vllm": "none"}.get(key)
                 rows.append(store_row(peer.engine, label, summary, settings, prompt_set, target.name, quant,
-                                      report.get(f"{OURS} | none")))
+                                      report.get(f"{OURS} | none"), run_id))
     return Outcome(rows, report, errors)

@@ -315,3 +315,32 @@ def confidence_figure(frame: pd.DataFrame,
     fig.update_yaxes(range=[0, 1.05])
     fig.update_xaxes(dtick=1)
     return _layout(fig, title, "draft position", "probability")
+
+
+# ---------------------------------------------------------------- peers
+
+def peers_figure(frame: pd.DataFrame, title: str = "Against the engines you know: tokens/s, one prompt at a time") -> go.Figure:
+    """frame: studio.peer_comparison (one row per engine and draft). Traces "end to end" and
+    "decode only" (prefill and first token excluded)."""
+    labels = [f"{e} | {d}" for e, d in zip(frame["engine"], frame["draft"])]
+    fig = go.Figure()
+    for column, name, color in (("tokens_per_s", "end to end", COLORS["plain"]),
+                                ("decode_tokens_per_s", "decode only", COLORS["accepted"])):
+        fig.add_trace(go.Bar(y=labels, x=frame[column], name=name, orientation="h", marker_color=color,
+                             text=[f"{v:.1f}" for v in frame[column]], textposition="auto"))
+    fig.update_layout(barmode="group", height=120 + 50 * len(labels))
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, title, "tokens/s", "")
+
+
+def peer_acceptance_figure(rows: dict[str, Sequence[float]],
+                           title: str = "The same draft, acceptance by position") -> go.Figure:
+    """rows: {engine and draft: per_position_accept}; one trace each, named by its key."""
+    fig = go.Figure()
+    for i, (name, values) in enumerate(rows.items()):
+        fig.add_trace(go.Bar(x=list(range(1, len(values) + 1)), y=list(values), name=name,
+                             marker_color=GROUP_COLORS[i % len(GROUP_COLORS)]))
+    fig.update_layout(barmode="group")
+    fig.update_yaxes(range=[0, 1])
+    fig.update_xaxes(dtick=1)
+    return _layout(fig, title, "draft position", "P(accept | earlier accepted)")

@@ -395,3 +395,33 @@ def parse_progress(text: str) -> float | None:
             if 0 < total and 0 <= done <= total:
                 return done / total
     return None
+
+
+# ---------------------------------------------------------------- peers
+
+PEER_COLUMNS = ["engine", "draft", "tokens_per_s", "decode_tokens_per_s", "prefill_tokens_per_s", "tau",
+                "per_position_accept", "exact_match_rate", "n_prompts", "prompt_set", "created_at", "notes"]
+
+
+def peer_comparison(db: Path) -> pd.DataFrame:
+    """The latest `scylla peers` run from the store: one row per engine and draft (empty
+    when none is stored). A run's rows share their `notes` (its run id)."""
+    from scylla import store
+
+    runs = store.runs_frame(str(db), {"command": "scylla peers"})
+    if not len(runs) or "engine" not in runs:
+        return pd.DataFrame(columns=PEER_COLUMNS)
+    latest = runs.sort_values("created_at").iloc[-1]["notes"]
+    frame = runs[runs["notes"] == latest]
+    return frame[[c for c in PEER_COLUMNS if c in frame]].reset_index(drop=True)
+
+
+def peer_acceptance(frame: pd.DataFrame) -> dict[str, list[float]]:
+    """Acceptance by position of every drafted row that has it (this engine's chain and the
+    same draft exported to vLLM), keyed as the figure names its traces."""
+    out = {}
+    for _, row in frame.iterrows():
+        values = row.get("per_position_accept")
+        if row["draft"] != "none" and values is not None and len(values):
+            out[f"{row['engine']} | {row['draft']}"] = [float(v) for v in values]
+    return out

@@ -25,9 +25,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from scylla import ScyllaError
+from scylla.options import QUANTS
 
 GRID_KEYS = {"tokens", "layers", "batch", "temperature", "k", "draft", "tree"}
-TOP_KEYS = {"name", "target", "prompts", "limit", "max_new_tokens", "seed", "grid", "train"}
+TOP_KEYS = {"name", "target", "quant", "prompts", "limit", "max_new_tokens", "seed", "grid", "train"}
 TRAIN_KEYS = {"fusion", "draft_vocab", "ttt", "seed", "corpus", "lr", "arch", "precision", "labels"}
 
 
@@ -41,6 +42,9 @@ class SweepConfig:
     grid: dict
     train: dict = field(default_factory=dict)
     target: str = "smollm2"
+    # every stored sweep ran the fp32 target; a sweep keeps it unless its file says `quant`,
+    # so that a resumed sweep never mixes two targets' points
+    quant: str = "none"
 
 
 # What the app's sweep form starts from: untrained drafts, a few prompts, quick.
@@ -79,7 +83,9 @@ def load_config(path: str) -> SweepConfig:
                       prompts=str(raw.get("prompts", "assets/eval_prompts.jsonl")),
                       limit=int(raw.get("limit", 16)), max_new_tokens=int(raw.get("max_new_tokens", 64)),
                       seed=int(raw.get("seed", 0)), grid=grid, train=train,
-                      target=str(raw.get("target", "smollm2")))
+                      target=str(raw.get("target", "smollm2")), quant=str(raw.get("quant", "none")))
+    if cfg.quant not in QUANTS:
+        raise ScyllaError(f"{path}: unknown quant {cfg.quant!r}; choose one of {', '.join(QUANTS)}")
     if cfg.limit < 1 or cfg.max_new_tokens < 1:
         raise ScyllaError(f"{path}: limit and max_new_tokens must be >= 1")
     if not Path(cfg.prompts).is_file():
@@ -154,6 +160,8 @@ def point_id(cfg: SweepConfig, point: dict) -> str:
     ident = [cfg.prompts, cfg.limit, cfg.max_new_tokens, cfg.seed, cfg.train, point]
     if cfg.target != "smollm2":  # ids of runs on the default target stay as they were
         ident.append(cfg.target)
+    if cfg.quant != "none":
+        ident.append(cfg.quant)
     weights = trained_draft_weights(point.get("draft"))
     if weights:  # a retrained named draft is a new run, not one already done
         ident.append(weights)
@@ -231,7 +239,7 @@ def sweep_command(args) -> int:
     from scylla.store import init_db
 
     init_db(args.db)
-    target = load_target(cfg.target)
+    target = load_target(cfg.target, cfg.quant)
     for point in tqdm(local_order(cfg, todo), desc=f"sweep {cfg.name}", unit="point"):
         run_point(cfg, point, target, args.db, args.config)
     return 0
@@ -282,9 +290,10 @@ def point_task(cfg: SweepConfig, point: dict, config_path: str) -> dict:
     """One point on a Ray worker: trains and measures, writes nothing; returns its rows."""
     from scylla.models import load_target
 
-    if cfg.target not in _WORKER_TARGETS:
-        _WORKER_TARGETS[cfg.target] = load_target(cfg.target)
-    target = _WORKER_TARGETS[cfg.target]
+    key = (cfg.target, cfg.quant)
+    if key not in _WORKER_TARGETS:
+        _WORKER_TARGETS[key] = load_target(cfg.target, cfg.quant)
+    target = _WORKER_TARGETS[key]
     spec, record = point_draft(cfg, point, target)
     return {"training": record, "rows": bench_rows(cfg, point, target, spec, config_path)}
 
@@ -485,7 +494,7 @@ def recommend_command(args) -> dict:
     if run_id not in finished_ids(args.db):
         from scylla.models import load_target
 
-        run_point(cfg, point, load_target(cfg.target), args.db, args.config)
+        run_point(cfg, point, load_target(cfg.target, cfg.quant), args.db, args.config)
     measured = runs_frame(args.db).set_index("id").loc[run_id]
     pair = {**{k: best[k] for k in ("batch", "budget_tokens", "layers", "tokens", "k", "predicted_tau",
                                      "tau_low", "tau_high", "predicted_speedup", "speedup_low", "speedup_high")},

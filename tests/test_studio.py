@@ -266,6 +266,9 @@ def test_default_draft_is_scylla_only_when_present(tmp_path, monkeypatch):
     (tmp_path / "drafts" / "scylla").mkdir(parents=True)
     (tmp_path / "drafts" / "scylla" / "config.json").write_text("{}")
     assert live.default_draft() == "scylla"
+    assert live.default_draft("q4") == "ngram"   # measured best on the q4 target
+    assert live.default_shape("scylla", "q4") == "chain" and live.default_auto_k("q4")
+    assert live.default_shape("scylla", "none") == "tree" and not live.default_auto_k("none")
 
 
 def test_chart_throttle_fires_at_most_once_per_interval():
