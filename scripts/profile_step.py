@@ -98,13 +98,27 @@ def whole(target, context: int) -> dict[str, float]:
     return {"one-token forward": median_ms(forward), "plain step (forward + token + bookkeeping)": total / (len(out) - 1)}
 
 
+def prefill_s(target, n: int) -> float:
+    """Best of 3: one forward of n random ids on a fresh cache, logits at the last only."""
+    fwd, ids, best = target.forward, torch.randint(3, 40000, (1, n)), float("inf")
+    for _ in range(3):
+        cache = fwd.new_cache(1, n + 16)
+        start = time.perf_counter()
+        fwd.forward(ids, cache, logits_at=torch.tensor([[n - 1]]))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quant", default="q4")
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--prefill", type=int, default=0, help="also time the forward of a prompt this long")
     args = ap.parse_args()
     target = load_target(quant=args.quant)
+    if args.prefill:
+        print(f"prompt of {args.prefill} tokens: {prefill_s(target, args.prefill):.3f} s to the first token's logits")
     parts, full = pieces(target, args.context), whole(target, args.context)
     rest = full["one-token forward"] - sum(parts.values())
     rows = {**parts, "the rest of the forward (views, casts, cache writes, Python)": rest, **full}

@@ -111,7 +111,20 @@ def our_rows(target, draft, prompts: list[dict], settings: dict) -> list[dict]:
         first = steps[0].verify_ms / 1e3
         rows.append({"question_id": p["question_id"], "prompt_tokens": len(p["ids"]), "tokens": tokens,
                      "e2e_s": e2e, "first_token_s": first, "decode_s": e2e - first, "steps": steps})
+    if settings.get("all_at_once"):
+        rows.append(all_at_once(target, draft, prompts, settings))
     return rows
+
+
+def all_at_once(target, draft, prompts: list[dict], settings: dict) -> dict:
+    """Every prompt as one batch (throughput), as the runners' `all_at_once` line."""
+    from scylla.decoding import batch_generate_ids
+
+    start = time.perf_counter()
+    out, _ = batch_generate_ids(target, draft, [p["ids"] for p in prompts], max_new_tokens=settings["max_new_tokens"],
+                                temperature=settings["temperature"], seed=settings["seed"],
+                                k="auto" if draft is not None else 1)
+    return {"all_at_once": True, "wall_s": time.perf_counter() - start, "tokens": sum(map(len, out))}
 
 
 # ---------------------------------------------------------------- summaries and store rows
@@ -245,13 +258,14 @@ def compare(target, prompts: list[dict], engines: list[str], draft_name: str, k:
             configs.append(("none, fp32 reference", None, 1, None))
         for label, draft, dk, dtree in configs:
             runner = fp32_twin(target) if label.endswith("fp32 reference") else target
-            lines = our_rows(runner, draft, encoded, {**base, "k": dk, "tree": dtree})
+            lines = our_rows(runner, draft, encoded, {**base, "k": dk, "tree": dtree,
+                                                      "all_at_once": label in ("none", draft_name)})
             summary = summarize_rows(lines)
             if draft is not None:
-                stats = summarize([s for r in lines for s in r["steps"]])
+                stats = summarize([s for r in lines if not r.get("all_at_once") for s in r["steps"]])
                 summary.update({"tau": round(stats.tau, 4), "accept_rate": stats.accept_rate,
                                 "per_position_accept": [round(x, 4) for x in stats.per_position_accept]})
-            plain = plain or {r["question_id"]: r["tokens"] for r in lines}
+            plain = plain or {r["question_id"]: r["tokens"] for r in lines if not r.get("all_at_once")}
             report[f"{OURS} | {label}"] = summary
             settings = {"quant": runner.quant, "kernels": runner.kernels, "k": dk, "tree": str(dtree) if dtree else None,
                         "temperature": temperature, "max_new_tokens": max_new_tokens, "threads": base["threads"]}

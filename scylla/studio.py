@@ -422,6 +422,6 @@ def peer_acceptance(frame: pd.DataFrame) -> dict[str, list[float]]:
     out = {}
     for _, row in frame.iterrows():
         values = row.get("per_position_accept")
-        if row["draft"] != "none" and values is not None and len(values):
+        if row["draft"] != "none" and isinstance(values, list | tuple | np.ndarray) and len(values):
             out[f"{row['engine']} | {row['draft']}"] = [float(v) for v in values]
     return out

@@ -306,12 +306,12 @@ def test_length_grouped_batches_keep_every_sequence_and_cut_padding():
 
 
 def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
-    import scylla.lean
+    import scylla.kernels
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(scylla.lean, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(scylla.kernels, "cpu_has_bf16", lambda: False)
     assert resolved_precision("auto") == "fp32"
-    monkeypatch.setattr(scylla.lean, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(scylla.kernels, "cpu_has_bf16", lambda: True)
     assert resolved_precision("auto") == "bf16"
     assert resolved_precision("fp32") == "fp32"
 

@@ -124,3 +124,22 @@ def test_the_app_reads_the_latest_peer_comparison_from_the_store(tmp_path):
     fig = plots.peers_figure(frame)
     assert [t.name for t in fig.data] == ["end to end", "decode only"] and len(fig.data[0].y) == 3
     assert [t.name for t in plots.peer_acceptance_figure(accept).data] == list(accept)
+
+
+def test_this_engine_is_measured_like_a_peer_and_stays_lossless(tiny_chat_target_dir, tmp_path):
+    from scylla.data import load_prompts
+    from scylla.models import load_target
+
+    target = load_target(str(tiny_chat_target_dir), quant="none")
+    outcome = peers.compare(target, load_prompts("assets/sweep_prompts.jsonl", 3), ["scylla"], "ngram", 3, 12,
+                            0.0, 0, "sweep", 60)
+    assert not outcome.errors
+    by_draft = {r["draft"]: r for r in outcome.rows}
+    assert set(by_draft) == {"none", "ngram", "ngram, chain:3"}
+    assert all(r["exact_match_rate"] == 1.0 for r in outcome.rows)   # speculation changes no token
+    assert by_draft["none"]["throughput"] > 0 and by_draft["ngram"]["throughput"] > 0   # all prompts at once
+    assert all(r["decode_tokens_per_s"] > 0 and r["engine"] == peers.OURS for r in outcome.rows)
+    db = tmp_path / "r.duckdb"
+    init_db(db)
+    write_runs_atomic(db, outcome.rows)
+    assert len(runs_frame(db)) == 3

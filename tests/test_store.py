@@ -204,9 +204,10 @@ def test_migration_from_v1_file(tmp_path):
     con.close()
     store.init_db(path)
     con = duckdb.connect(str(path), read_only=True)
-    assert store.schema_version(con) == store.SCHEMA_VERSION == 4
-    assert {"notes", "draft_ms", "verify_ms", "plain_tokens_per_s", "spec_gain"} <= set(store.table_columns(con, "runs"))
-    assert con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 4
+    assert store.schema_version(con) == store.SCHEMA_VERSION == 5
+    assert {"notes", "draft_ms", "verify_ms", "plain_tokens_per_s", "spec_gain", "engine", "engine_settings",
+            "decode_tokens_per_s", "prefill_tokens_per_s"} <= set(store.table_columns(con, "runs"))
+    assert con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 5
     con.close()
     store.insert_run(path, a_run(id="new", notes="after v2", draft_ms=3.0))
     runs = store.runs_frame(path).set_index("id")
