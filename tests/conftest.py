@@ -166,7 +166,7 @@ def streamlit_server(e2e_db, tmp_path_factory):
     """`streamlit run app.py` on 127.0.0.1:<free port>; yields the base URL."""
     import sys
 
-    with streamlit_process([sys.executable, "-m", "streamlit"], e2e_db,
+    with streamlit_process([sys.executable, "-m", "scylla.serve"], e2e_db,
                            tmp_path_factory.mktemp("e2e-server")) as url:
         yield url
 

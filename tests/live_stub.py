@@ -155,4 +155,4 @@ def expected_text(tok, ids: list[int], marker: str) -> str:
 
 # `python -c BOOT run app.py ...`: the e2e server process, patched before Streamlit starts.
 BOOT = ("import sys; import tests.live_stub as s; s.install(); "
-        "from streamlit.web.cli import main; sys.argv[0] = 'streamlit'; main()")
+        "from scylla.serve import main; main()")

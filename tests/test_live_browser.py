@@ -149,3 +149,16 @@ def test_sessions_generating_at_once_each_get_their_own_transcript(chromium, stu
     finally:
         for c in contexts:
             c.close()
+
+
+def test_a_page_opened_by_its_url_in_a_new_server_shows_no_page_not_found(e2e_db, tmp_path, page):
+    """The first run of a new server went through Streamlit's older pages/ layout, which did
+    not know `/Live_decoding`, and left a "Page not found" dialog over the page (scylla.serve)."""
+    with streamlit_process([sys.executable, "-m", "scylla.serve"], e2e_db, tmp_path, SCYLLA_PREWARM="0") as url:
+        page.goto(url + "/Live_decoding")
+        page.get_by_role("button", name="Generate").wait_for()
+        wait_idle(page)
+        time.sleep(1.0)   # the dialog came with the first run's messages
+        assert page.get_by_text("Page not found").count() == 0
+        assert page.get_by_role("dialog").count() == 0
+        assert page.locator("h1").first.inner_text() == "Live decoding"
