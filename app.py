@@ -71,8 +71,6 @@ def overview() -> None:
             summary = store.store_summary(str(db))
         except ScyllaError as exc:
             st.error(str(exc))
-        except ImportError:
-            st.info("The store module is not in this build yet.")
         else:
             counts = summary.get("counts", {})
             cols = st.columns(max(1, len(counts)))

@@ -59,10 +59,12 @@ if source == MEASURED:
     groups = ["(none)"] + [g for g in studio.GROUP_COLUMNS if g in runs.columns]
     group = c3.selectbox("Group by", groups, key="group")
     options = studio.filter_options(runs, studio.RUN_FILTER_COLUMNS)
+    opening = studio.default_run_filters(runs, axis)
     filters = {}
-    with st.expander("Filters", expanded=False):
+    with st.expander("Filters (opens on the axis's latest complete sweep, T = 0)", expanded=False):
         for col, values in options.items():
-            chosen = st.multiselect(col, values, key=f"f_{col}")
+            default = [v for v in opening.get(col, []) if v in values]
+            chosen = st.multiselect(col, values, default=default, key=f"f_{col}_{axis}")
             if chosen:
                 filters[col] = chosen
     try:

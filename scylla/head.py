@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
-from scylla import ScyllaError
+from scylla import ScyllaError, one_line
 from scylla import eagle3
 from scylla.kernels import Linear, draft_linear_kind
 from scylla.lean import KVCache, LeanStack
@@ -222,12 +222,7 @@ def load_weights(head: FeatureHead, folder: Path, mapping) -> None:
         raise ScyllaError(f"{folder}/{WEIGHTS}: corrupt or mismatched weights ({gist(exc)})") from None
 
 
-def gist(exc: Exception) -> str:
-    """The informative part of an error on one line (torch puts it on the second)."""
-    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
-    if len(lines) > 1 and lines[0].endswith(":"):
-        return f"{lines[0]} {lines[1]}"[:300]
-    return (lines[0] if lines else type(exc).__name__)[:300]
+gist = one_line   # the name this module's messages use
 
 
 def attached(head: FeatureHead, target_model) -> FeatureHead:

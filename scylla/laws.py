@@ -21,9 +21,9 @@ import statsmodels.api as sm
 import statsmodels.formula.api as smf
 from scipy.optimize import curve_fit
 
-from scylla import ScyllaError
+from scylla import ScyllaError, one_line
+from scylla.options import AXES
 
-AXES = ("tokens", "layers", "batch")
 
 # ---------------------------------------------------------------- the log-linear law
 
@@ -406,7 +406,7 @@ def _glm_pseudo_r2(result) -> float | None:
 # a step costs 1 (verify) + c_verify per drafted token + c_draft per draft layer per
 # drafted token. Defaults: one draft layer ~ one of SmolLM2's 30 layers plus its
 # share of the LM head (~0.035); a verify forward over 8-16 tokens costs 1.5-2x a
-# one-token forward (DESIGN.md), i.e. ~0.06 per extra token.
+# one-token forward (measured on the first CPU this ran on), i.e. ~0.06 per extra token.
 DEFAULT_C_DRAFT = 0.035
 DEFAULT_C_VERIFY = 0.06
 
@@ -520,7 +520,7 @@ def cost_constants(data: pd.DataFrame) -> dict:
 # ---------------------------------------------------------------- `scylla fit`
 
 def fit_command(args) -> dict:
-    """The `scylla fit` contract (DESIGN.md): fit, return the JSON dict, write it to --json."""
+    """The `scylla fit` contract (its JSON keys are what other tools read): fit, return the JSON dict, write it to --json."""
     db, csv = getattr(args, "db", None), getattr(args, "csv", None)
     if bool(db) == bool(csv):
         raise ScyllaError("give exactly one of --db (with --axis, --metric) or --csv (with --x, --y)")
@@ -641,9 +641,7 @@ def _need_columns(df: pd.DataFrame, cols, where: str = "the data") -> None:
                           f"columns: {', '.join(map(str, df.columns))}")
 
 
-def _one_line(e: Exception) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
+_one_line = one_line
 
 
 def jsonable(obj):

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 
 import pandas as pd
 
-from scylla import ScyllaError
+from scylla import ScyllaError, one_line
 from scylla.plots import COLORS
 from scylla.trace import Step, per_position_accept
 from scylla.options import DEFAULT_QUANT, QUANTS  # noqa: F401  (the page's choices)
@@ -84,7 +84,7 @@ def load_live_target(quant: str = DEFAULT_QUANT, device: str = "auto"):
     except ScyllaError:
         raise
     except Exception as exc:  # noqa: BLE001 - bitsandbytes / accelerate missing or failing
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = one_line(exc)
         raise ScyllaError(f"Cannot load the target with quantization {quant!r}: {first}. "
                           f"Try quantization 'none'.") from exc
     target.drop_reference_weights()   # the app decodes on the engine's forward only
@@ -173,7 +173,7 @@ def load_live_draft(spec: str, target):
     try:
         draft = make_draft(spec, target)
     except Exception as exc:  # noqa: BLE001 - missing files, missing module, bad spec
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = one_line(exc)
         raise ScyllaError(f"Draft {spec!r} could not be loaded ({first}). Trained drafts "
                           f"(scylla, eagle3-style, eagle2-style) appear once they are trained "
                           f"and shipped; choose 'ngram' meanwhile: it needs no training.") from exc

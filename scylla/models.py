@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from scylla import ScyllaError
+from scylla import ScyllaError, one_line
 from scylla.options import DEFAULT_QUANT, QUANTS
 
 DEFAULT_TARGET = "smollm2"
@@ -241,7 +241,7 @@ def load_target(spec: str = DEFAULT_TARGET, quant: str = DEFAULT_QUANT, device: 
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise ScyllaError(f"cannot load target from {path}: {str(exc).splitlines()[0]}") from exc
+        raise ScyllaError(f"cannot load target from {path}: {one_line(exc)}") from exc
     if qc is None:
         model.to(device)
     model.eval()

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scylla import ScyllaError
+from scylla import ScyllaError, one_line
 
 GROUP = 32
 SUPPORTED = ("Q4_1", "Q8_0", "F32", "F16")
@@ -76,7 +76,7 @@ def read_tensors(path: Path) -> dict:
     try:
         reader = GGUFReader(path)
     except (OSError, ValueError) as exc:
-        raise ScyllaError(f"{path}: not a readable GGUF file ({str(exc).splitlines()[0]})") from exc
+        raise ScyllaError(f"{path}: not a readable GGUF file ({one_line(exc)})") from exc
     out = {}
     for t in reader.tensors:
         shape = [int(s) for s in t.shape]

@@ -30,11 +30,11 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from scylla import ScyllaError
+from scylla import ScyllaError, one_line
+from scylla.options import AXES
 
 SCHEMA_VERSION = 5
 LOCK_WAIT_S = 5.0            # how long a connect retries a lock conflict before giving up
-AXES = ("tokens", "layers", "batch")
 METRICS = ("tau", "accept_rate", "speedup", "spec_gain", "throughput")
 TABLES = ("runs", "trainings", "reference", "laws", "predictions")
 
@@ -200,9 +200,7 @@ def _is_lock_error(e: Exception) -> bool:
     return "Could not set lock" in text or "different configuration" in text
 
 
-def _one_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+_one_line = one_line
 
 
 @contextmanager

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scylla import ScyllaError
+from scylla import ScyllaError, options
 from scylla.store import METRICS  # noqa: F401  (the law explorer lists these)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-AXES = {"tokens": "draft pretraining tokens", "layers": "draft layers", "batch": "batch size"}
-RUN_FILTER_COLUMNS = ("target", "quant", "draft", "draft_kind", "fusion", "category",
+AXES = dict(zip(options.AXES, ("draft pretraining tokens", "draft layers", "batch size")))   # axis: its label
+RUN_FILTER_COLUMNS = ("command", "target", "quant", "draft", "draft_kind", "fusion", "category",
                       "prompt_set", "temperature", "shape", "k")
 GROUP_COLUMNS = ("draft_kind", "draft", "category", "target", "fusion", "shape", "temperature")
 REFERENCE_FILTER_COLUMNS = ("engine_or_device", "method", "target", "task", "temperature", "source")
@@ -89,6 +89,24 @@ def filter_options(df: pd.DataFrame, columns) -> dict[str, list]:
             if len(values) > 1:
                 out[col] = values
     return out
+
+
+def default_run_filters(runs: pd.DataFrame, axis: str, min_points: int = 3) -> dict[str, list]:
+    """What the law explorer opens on for an axis: the most recent sweep that varied it over
+    at least `min_points` values, at T = 0 (pooling every sweep of an axis mixes corpora and
+    recipes: the tokens axis pooled has R^2 0.86 over 34 points, its 2^10..2^22 sweep alone
+    0.92). Empty when no sweep qualifies."""
+    if not len(runs) or axis not in runs or "command" not in runs:
+        return {}
+    sweeps = runs[runs["command"].fillna("").str.startswith("scylla sweep") & runs[axis].notna()]
+    spread = sweeps.groupby("command").agg(values=(axis, "nunique"), last=("created_at", "max"))
+    complete = spread[spread["values"] >= min_points].sort_values("last")
+    if not len(complete):
+        return {}
+    chosen = {"command": [complete.index[-1]]}
+    if (sweeps.loc[sweeps["command"] == complete.index[-1], "temperature"] == 0.0).any():
+        chosen["temperature"] = [0.0]
+    return chosen
 
 
 def apply_filters(df: pd.DataFrame, filters: dict | None) -> pd.DataFrame:
@@ -226,10 +244,6 @@ def formula_table(out: dict) -> pd.DataFrame:
         "ci_low": [ci.get(t, [None, None])[0] for t in terms],
         "ci_high": [ci.get(t, [None, None])[1] for t in terms],
     }, index=terms).astype(float)
-
-
-def formula_headline(out: dict) -> dict:
-    return {k: out.get(k) for k in ("kind", "n", "r2", "aic")}
 
 
 LAB_DEFAULT_SQL = ("SELECT method, engine_or_device, batch_size, value AS throughput_ratio\n"

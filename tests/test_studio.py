@@ -353,3 +353,21 @@ def test_the_store_version_changes_with_every_write(tmp_path):
     with duckdb.connect(str(db)) as con:
         con.execute("INSERT INTO t VALUES (1)")
     assert studio.store_version(db) != before
+
+
+def test_the_law_explorer_opens_on_each_axis_latest_complete_sweep():
+    """Pooled across corpora the tokens axis fits worse (R^2 0.86 over 34 points) than its
+    2^10..2^22 sweep alone (0.92): the page opens on the latest sweep of each axis, at T = 0."""
+    from scylla import store
+    from scylla.laws import fit_loglinear
+
+    runs = store.runs_frame("results.duckdb")
+    opening = {a: studio.default_run_filters(runs, a) for a in ("tokens", "layers", "batch")}
+    assert opening["tokens"] == {"command": ["scylla sweep sweeps/tokens_v3.toml"], "temperature": [0.0]}
+    assert opening["layers"]["command"] == ["scylla sweep sweeps/layers_v4.toml"]
+    assert opening["batch"]["command"] == ["scylla sweep sweeps/batch_v2.toml"]
+    sweep = store.axis_points("results.duckdb", "tokens", "tau", opening["tokens"])
+    pooled = store.axis_points("results.duckdb", "tokens", "tau", {"temperature": [0.0]})
+    assert len(sweep) == 13 and len(pooled) > len(sweep)
+    assert fit_loglinear(sweep["x"], sweep["y"]).r2 > fit_loglinear(pooled["x"], pooled["y"]).r2
+    assert studio.default_run_filters(runs.iloc[0:0], "tokens") == {}
