@@ -35,7 +35,7 @@ def run_cli(args, capsys):
     (["recommend", "--config", "sweeps/tokens.toml", "--budget-tokens", "100", "--db", "missing.duckdb"], "no store"),
     (["bench", "--prompts", "assets/eval_prompts.jsonl", "--json", "o.json", "--tree", "3,2"], "tree"),
     (["bench", "--prompts", "assets/eval_prompts.jsonl", "--json", "o.json", "--tree", "3,2,600"], "tree"),
-    (["fit", "--csv", "missing.csv", "--x", "a", "--y", "b"], ""),
+    (["fit", "--csv", "missing.csv", "--x", "a", "--y", "b"], "no such CSV file: missing.csv"),
     (["train-draft", "--tokens", "4096", "--align-tokens", "10"], "--align-tokens"),
     (["train-draft", "--tokens", "4096", "--layers", "9"], "--layers"),
     (["train-draft", "--tokens", "4096", "--recipe", "eagle2-style", "--fusion", "multi"], "--recipe eagle2-style"),

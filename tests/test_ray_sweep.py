@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
+import ray  # a hard dependency: a broken install must fail here, not skip
+
 from scylla import ScyllaError, sweep
 from scylla.store import runs_frame
 from tests.conftest import wait_for
 from tests.test_sweep import tiny_target_dir, write  # noqa: F401  (a module-scoped fixture)
 
-ray = pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parent.parent
 SAME = ["id", "category", "draft", "k", "batch", "n_prompts", "tau", "accept_rate", "exact_match_rate"]
 
