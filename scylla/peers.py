@@ -239,55 +239,74 @@ def export_for_vllm(draft_name: str, out: Path) -> Path | None:
 
 def compare(target, prompts: list[dict], engines: list[str], draft_name: str, k: int, max_new_tokens: int,
             temperature: float, seed: int, prompt_set: str, timeout_s: float) -> Outcome:
+    """Every engine asked for, on the same token ids; this engine first (its plain output is
+    what the others' agreement is measured against)."""
+    import uuid
+
+    import torch
+
+    base = {"prompts": encode_all(target, prompts, max_new_tokens), "max_new_tokens": max_new_tokens,
+            "temperature": temperature, "seed": seed, "threads": torch.get_num_threads(), "eos_ids": target.eos_ids,
+            "k": k, "n_ctx": min(target.max_positions, 4096), "draft_name": draft_name}
+    outcome = Outcome([], {}, [])
+    meta = {"prompt_set": prompt_set, "target": target.name, "run_id": f"peers:{uuid.uuid4().hex[:12]}"}
+    plain = compare_ours(target, base, meta, outcome) if "scylla" in engines else None
+    compare_peers([e for e in engines if e in PEERS], base, meta, plain, timeout_s, outcome)
+    return outcome
+
+
+def compare_ours(target, base: dict, meta: dict, outcome: Outcome) -> dict[str, list[int]]:
+    """This engine: plain, its default draft, the draft as a chain of k, the fp32 reference.
+    Returns its plain output by prompt."""
     from scylla.drafts import default_shape, make_draft
     from scylla.trace import summarize
 
-    import uuid
+    draft_name, k = base["draft_name"], base["k"]
+    kk, tree = default_shape(draft_name, None, None, base["temperature"], 1, target.quant)
+    configs = [("none", None, 1, None), (draft_name, make_draft(draft_name, target), kk, tree),
+               (f"{draft_name}, chain:{k}", make_draft(draft_name, target), k, None)]
+    if target.quant != "none":   # the fp32 reference of the same file, same run
+        configs.append(("none, fp32 reference", None, 1, None))
+    plain = None
+    for label, draft, dk, dtree in configs:
+        runner = fp32_twin(target) if label.endswith("fp32 reference") else target
+        lines = our_rows(runner, draft, base["prompts"], {**base, "k": dk, "tree": dtree,
+                                                          "all_at_once": label in ("none", draft_name)})
+        summary = summarize_rows(lines)
+        if draft is not None:
+            stats = summarize([s for r in lines if not r.get("all_at_once") for s in r["steps"]])
+            summary.update({"tau": round(stats.tau, 4), "accept_rate": stats.accept_rate,
+                            "per_position_accept": [round(x, 4) for x in stats.per_position_accept]})
+        plain = plain or {r["question_id"]: r["tokens"] for r in lines if not r.get("all_at_once")}
+        summary["exact_match_rate"] = match_rate(lines, plain)
+        outcome.report[f"{OURS} | {label}"] = summary
+        settings = {"quant": runner.quant, "kernels": runner.kernels, "k": dk, "tree": str(dtree) if dtree else None,
+                    "temperature": base["temperature"], "max_new_tokens": base["max_new_tokens"],
+                    "threads": base["threads"]}
+        outcome.rows.append(store_row(OURS, label, summary, settings, meta["prompt_set"], meta["target"],
+                                      runner.quant, outcome.report[f"{OURS} | none"], meta["run_id"]))
+    return plain
 
-    encoded = encode_all(target, prompts, max_new_tokens)
-    run_id = f"peers:{uuid.uuid4().hex[:12]}"   # the rows of one comparison, as the app groups them
-    base = {"prompts": encoded, "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
-            "threads": __import__("torch").get_num_threads(), "eos_ids": target.eos_ids, "k": k,
-            "n_ctx": min(target.max_positions, 4096), "draft_name": draft_name}
-    rows, report, errors, plain = [], {}, [], None
-    if "scylla" in engines:
-        kk, tree = default_shape(draft_name, None, None, temperature, 1, target.quant)
-        configs = [("none", None, 1, None), (draft_name, make_draft(draft_name, target), kk, tree),
-                   (f"{draft_name}, chain:{k}", make_draft(draft_name, target), k, None)]
-        if target.quant != "none":   # the fp32 reference of the same file, same run
-            configs.append(("none, fp32 reference", None, 1, None))
-        for label, draft, dk, dtree in configs:
-            runner = fp32_twin(target) if label.endswith("fp32 reference") else target
-            lines = our_rows(runner, draft, encoded, {**base, "k": dk, "tree": dtree,
-                                                      "all_at_once": label in ("none", draft_name)})
-            summary = summarize_rows(lines)
-            if draft is not None:
-                stats = summarize([s for r in lines if not r.get("all_at_once") for s in r["steps"]])
-                summary.update({"tau": round(stats.tau, 4), "accept_rate": stats.accept_rate,
-                                "per_position_accept": [round(x, 4) for x in stats.per_position_accept]})
-            plain = plain or {r["question_id"]: r["tokens"] for r in lines if not r.get("all_at_once")}
-            report[f"{OURS} | {label}"] = summary
-            settings = {"quant": runner.quant, "kernels": runner.kernels, "k": dk, "tree": str(dtree) if dtree else None,
-                        "temperature": temperature, "max_new_tokens": max_new_tokens, "threads": base["threads"]}
-            summary["exact_match_rate"] = match_rate(lines, plain)
-            rows.append(store_row(OURS, label, summary, settings, prompt_set, target.name, runner.quant,
-                                  report[f"{OURS} | none"], run_id))
+
+def compare_peers(keys: list[str], base: dict, meta: dict, plain: dict | None, timeout_s: float,
+                  outcome: Outcome) -> None:
+    """Each peer in its own environment; one that fails adds an error line and no rows."""
     with tempfile.TemporaryDirectory(prefix="scylla-eagle3-") as tmp:
-        base_name = draft_name.split("+")[0]
-        draft_dir = export_for_vllm(base_name, Path(tmp) / "eagle3") if "vllm" in engines else None
-        for key in [e for e in engines if e in PEERS]:
+        base_name = base["draft_name"].split("+")[0]
+        draft_dir = export_for_vllm(base_name, Path(tmp) / "eagle3") if "vllm" in keys else None
+        for key in keys:
             peer = PEERS[key]
             for label, request in peer_requests(key, base, draft_dir):
                 try:
                     lines = run_peer(peer, request, timeout_s)
                 except ScyllaError as exc:
-                    errors.append(str(exc))
+                    outcome.errors.append(str(exc))
                     break
                 summary = summarize_rows(lines)
                 summary["exact_match_rate"] = match_rate(lines, plain) if plain else None
-                report[f"{peer.engine} | {label}"] = summary
+                outcome.report[f"{peer.engine} | {label}"] = summary
                 settings = {k2: v for k2, v in request.items() if k2 not in ("prompts", "eos_ids")}
                 quant = {"llamacpp": "q4_1 (its own kernels)", "vllm": "none"}.get(key)
-                rows.append(store_row(peer.engine, label, summary, settings, prompt_set, target.name, quant,
-                                      report.get(f"{OURS} | none"), run_id))
-    return Outcome(rows, report, errors)
+                outcome.rows.append(store_row(peer.engine, label, summary, settings, meta["prompt_set"],
+                                              meta["target"], quant, outcome.report.get(f"{OURS} | none"),
+                                              meta["run_id"]))
