@@ -44,7 +44,7 @@ with st.sidebar:
                      index=live.SHAPES.index(live.default_shape(draft_kind, quant)),
                      help="chain: k tokens in a row; tree: an EAGLE-2 dynamic tree verified in one forward.")
     if shape == "chain":
-        auto_k = st.toggle("k chosen per step (auto)", value=live.default_auto_k(quant), key="auto_k",
+        auto_k = st.toggle("k chosen per step (auto)", value=live.default_auto_k(quant, draft_kind), key="auto_k",
                            help="The draft length that measured verify cost and acceptance say pays, "
                                 "each step (0: plain); on the q4 target verifies cost more with width.")
         k = "auto" if auto_k else st.slider("Chain length k (draft tokens per step)", 1, 12, 6, key="k")

@@ -25,6 +25,7 @@ from scylla.proposals import DraftTree, TreeShape, apply_top_p, logits_to_probs,
 from scylla.trace import Step
 
 CACHE_MARGIN = 160  # room past the prompt and budget for the widest verify block
+KMAX = 8            # the longest chain `k="auto"` may choose
 
 
 # ---------------------------------------------------------------- checks
@@ -329,7 +330,7 @@ def step_record(tree, path, bonus, emitted, logits, probs, index, row, draft_ms,
 
 def batch_generate(target, draft, prompts: list[list[int]], max_new_tokens: int = 128,
                    k: int | str = 6, temperature: float = 0.0, top_p: float = 1.0,
-                   seed: int | None = None, kmax: int = 8, tree: "TreeShape | str | None" = None,
+                   seed: int | None = None, kmax: int = KMAX, tree: "TreeShape | str | None" = None,
                    shared_prefill: PromptPrefill | None = None) -> Iterator[list[Step]]:
     """Decode B prompts together; yield, per target forward, one Step for each live row.
     With `tree` (a TreeShape or 'tree:D,K,N') each row verifies a draft tree, else a chain.
@@ -413,7 +414,7 @@ class DraftBudget:
 
     PROBE_EVERY = 16
 
-    def __init__(self, target, batch: int, kmax: int = 8):
+    def __init__(self, target, batch: int, kmax: int = KMAX):
         self.costs = verify_costs(target, batch, kmax)
         self.judged = [0] * kmax   # drafted tokens at each depth that the target judged
         self.passed = [0] * kmax   # ... and accepted

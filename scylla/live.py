@@ -136,20 +136,24 @@ SHAPES = ("chain", "tree")
 
 
 def default_shape(kind: str, quant: str = DEFAULT_QUANT) -> str:
-    """As the CLI: a trained head drafts a small tree (drafts.HEAD_TREE) on fp32; on the q4
-    target every draft chains, its length chosen per step (drafts.default_shape says why)."""
-    from scylla.drafts import is_head_spec
+    """The CLI's default shape for this draft (drafts.default_shape), as the page's radio."""
+    from scylla.drafts import default_shape as cli_default
 
-    return "tree" if is_head_spec(kind) and quant != "q4" else "chain"
+    return "tree" if cli_default(kind, None, None, 0.0, 1, quant)[1] else "chain"
 
 
-def default_auto_k(quant: str = DEFAULT_QUANT) -> bool:
-    return quant == "q4"
+def default_auto_k(quant: str = DEFAULT_QUANT, kind: str = "ngram") -> bool:
+    """Whether the CLI would choose the chain's length per step for this draft."""
+    from scylla.drafts import default_shape as cli_default
+
+    return cli_default(kind, None, None, 0.0, 1, quant)[0] == "auto"
 
 
 def chart_k(k) -> int:
-    """The charts' draft-length axis: k, or the most `auto` may choose (decoding's kmax)."""
-    return 8 if k == "auto" else int(k)
+    """The charts' draft-length axis: k, or the most `auto` may choose."""
+    from scylla.decoding import KMAX
+
+    return KMAX if k == "auto" else int(k)
 
 
 def default_tree(temperature: float = 0.0) -> tuple[int, int, int]:
