@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from scylla import ScyllaError
 from scylla.decoding import TreeShape, batch_generate_ids, check_decode_args, generate_ids, pad_id
-from scylla.models import encode_prompt
+from scylla.models import encode_row
 from scylla.trace import summarize
 
 
@@ -118,7 +118,7 @@ def mean_tree_size(rows: list[dict]) -> float:
 
 
 def encode_checked(target, prompt: dict, max_new_tokens: int) -> list[int]:
-    ids = encode_prompt(target, prompt["prompt"])
+    ids = encode_row(target, prompt)
     if len(ids) + max_new_tokens > target.max_positions:
         raise ScyllaError(f"prompt {prompt['question_id']}: {len(ids)} tokens + {max_new_tokens} new "
                           f"exceeds the target's context of {target.max_positions}")
@@ -303,3 +303,47 @@ def draft_taus(target, draft, prompts: list[list[int]], k: int, temperature: flo
                                       temperature=temperature, seed=0, tree=tree)
         taus += [summarize(s).tau for s in steps]
     return taus
+
+
+# ---------------------------------------------------------------- drafts against each other
+
+def compare_drafts(target, specs: list[str], prompts: list[dict], max_new_tokens: int = 128,
+                   temperature: float = 0.0, seed: int = 0) -> dict:
+    """Per prompt, interleaved in one run: the engine's plain decoding, then each draft at its
+    default shape on this target (what a user gets without flags). No generate() baseline:
+    spec_gain over the engine's own plain decoding is the figure that picks a default."""
+    from scylla.drafts import default_shape, make_draft
+
+    encoded = [encode_checked(target, p, max_new_tokens) for p in prompts]
+    setups = {spec: (make_draft(spec, target), *default_shape(spec, None, None, temperature, 1, target.quant))
+              for spec in specs}
+    for draft, k, tree in setups.values():   # warm-up: calibration, first-call allocations
+        generate_ids(target, draft, encoded[0][:32], max_new_tokens=4, k=k, tree=tree)
+    rows = []
+    for i, (p, ids) in enumerate(tqdm(list(zip(prompts, encoded)), desc="drafts", unit="prompt")):
+        decode = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i)
+        (plain, _), plain_s = timed(generate_ids, target, None, ids, **decode)
+        row = {"category": p["category"], "plain": plain, "plain_s": plain_s, "drafts": {}}
+        for spec, (draft, k, tree) in setups.items():
+            (out, steps), seconds = timed(generate_ids, target, draft, ids, k=k, tree=tree, **decode)
+            row["drafts"][spec] = {"out": out, "s": seconds, "steps": steps}
+        rows.append(row)
+    return {"target": target.name, "quant": target.quant, "kernels": target.kernels, "n_prompts": len(rows),
+            "temperature": temperature, "max_new_tokens": max_new_tokens,
+            "plain_tokens_per_s": round(sum(len(r["plain"]) for r in rows) / sum(r["plain_s"] for r in rows), 3),
+            "drafts": {spec: draft_figures(rows, spec, setups[spec][1:], temperature) for spec in specs}}
+
+
+def draft_figures(rows: list[dict], spec: str, shape: tuple, temperature: float) -> dict:
+    """One draft's tau, spec_gain (overall and by kind) and agreement with plain decoding."""
+    def gain(subset):
+        spec_tps = sum(len(r["drafts"][spec]["out"]) for r in subset) / sum(r["drafts"][spec]["s"] for r in subset)
+        plain_tps = sum(len(r["plain"]) for r in subset) / sum(r["plain_s"] for r in subset)
+        return round(spec_tps / plain_tps, 4)
+
+    kinds = sorted({r["category"] for r in rows})
+    stats = summarize([s for r in rows for s in r["drafts"][spec]["steps"]])
+    same = sum(r["drafts"][spec]["out"] == r["plain"] for r in rows) / len(rows)
+    return {"k": shape[0], "tree": str(shape[1]) if shape[1] else None, "tau": round(stats.tau, 4),
+            "spec_gain": gain(rows), "by_kind": {c: gain([r for r in rows if r["category"] == c]) for c in kinds},
+            "spec_plain_match_rate": same if temperature <= 0 else None}

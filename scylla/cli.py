@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from scylla import ScyllaError
+from scylla.options import BACKENDS, DEFAULT_QUANT, QUANTS, SPLITS
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -51,7 +52,6 @@ def draft_length(text: str) -> int | str:
 
 
 def add_decode_flags(p: argparse.ArgumentParser) -> None:
-    from scylla.options import BACKENDS, DEFAULT_QUANT, QUANTS
 
     p.add_argument("--target", default="smollm2", help="bundled 'smollm2' or a local transformers model folder")
     p.add_argument("--quant", default=DEFAULT_QUANT, choices=QUANTS,
@@ -85,10 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="baseline vs engine on a JSONL prompt file")
     b.add_argument("--prompts", required=True)
     b.add_argument("--limit", type=positive_int)
+    b.add_argument("--split", choices=SPLITS, help="only this half of a prompt file with splits (the broad set)")
     b.add_argument("--batch-size", type=positive_int, default=1)
     b.add_argument("--json", required=True, dest="json_out")
     add_decode_flags(b)
     b.set_defaults(draft="none")
+
+    d = sub.add_parser("compare-drafts", help="each draft at its default shape against plain decoding, one run")
+    d.add_argument("--prompts", required=True)
+    d.add_argument("--limit", type=positive_int)
+    d.add_argument("--split", choices=SPLITS, help="only this half of a prompt file with splits (the broad set)")
+    d.add_argument("--drafts", default="ngram,scylla,scylla+ngram", help="comma-separated draft specs")
+    d.add_argument("--json", required=True, dest="json_out")
+    d.add_argument("--quant", default=DEFAULT_QUANT, choices=QUANTS)
+    d.add_argument("--max-new-tokens", type=positive_int, default=128)
+    d.add_argument("--temperature", type=float, default=0.0)
+    d.add_argument("--seed", type=int, default=0)
 
     c = sub.add_parser("build-corpus", help="self-distilled answers + standard-library code, cached")
     c.add_argument("--prompts", type=positive_int, default=960)
@@ -167,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe = sub.add_parser("peers", help="the same prompts on llama.cpp and vLLM CPU (own venvs) and this engine; rows to the store")
     pe.add_argument("--prompts", required=True)
     pe.add_argument("--limit", type=positive_int, default=None)
+    pe.add_argument("--split", choices=SPLITS, help="only this half of a prompt file with splits")
     pe.add_argument("--engines", default="scylla,llamacpp", help="comma-separated: scylla, llamacpp, vllm")
     pe.add_argument("--draft", default="scylla", help="this engine's draft; its EAGLE-3 export drafts for vLLM")
     pe.add_argument("--k", type=positive_int, default=3, help="chain length for the drafted peers (and a chain row here)")
@@ -195,6 +208,7 @@ def cmd_generate(args) -> int:
     check_flags(args)
     if not args.prompt.strip():
         raise ScyllaError("empty prompt")
+    os.environ.setdefault("SCYLLA_COMPILE", "0")   # one prompt: compiling (30 s or more) would cost more than it saves
     target = load_target(args.target, args.quant, args.device, backend=args.backend)
     draft = make_draft(args.draft, target)
     ids = encode_prompt(target, args.prompt)
@@ -221,7 +235,7 @@ def cmd_bench(args) -> int:
     from scylla.models import load_target
 
     check_flags(args)
-    prompts = load_prompts(args.prompts, args.limit)
+    prompts = load_prompts(args.prompts, args.limit, args.split)
     target = load_target(args.target, args.quant, args.device, backend=args.backend)
     draft = make_draft(args.draft, target)
     report = run_bench(target, draft, prompts, args.max_new_tokens, args.k, args.temperature,
@@ -337,6 +351,34 @@ def cmd_sweep(args) -> int:
     return sweep_command(args)
 
 
+def prompt_set_name(args) -> str:
+    """The stored prompt set: the file's name, and its half where one was chosen."""
+    return Path(args.prompts).name + (f":{args.split}" if args.split else "")
+
+
+def cmd_compare_drafts(args) -> int:
+    from scylla.bench import compare_drafts
+    from scylla.data import load_prompts
+    from scylla.drafts import check_draft_spec
+    from scylla.models import load_target
+
+    specs = [s.strip() for s in args.drafts.split(",") if s.strip()]
+    if not specs:
+        raise ScyllaError("--drafts needs at least one draft spec")
+    for spec in specs:
+        check_draft_spec(spec)
+    if args.temperature < 0:
+        raise ScyllaError(f"temperature must be >= 0, got {args.temperature}")
+    prompts = load_prompts(args.prompts, args.limit, args.split)
+    report = compare_drafts(load_target(quant=args.quant), specs, prompts, args.max_new_tokens,
+                            args.temperature, args.seed)
+    write_json(args.json_out, {**report, "prompt_set": prompt_set_name(args)})
+    for spec, fig in report["drafts"].items():
+        print(f"{spec:>24}  tau {fig['tau']:.2f}  spec_gain {fig['spec_gain']:.2f}  "
+              f"weakest kind {min(fig['by_kind'].items(), key=lambda kv: kv[1])}", file=sys.stderr)
+    return 0
+
+
 def cmd_peers(args) -> int:
     from scylla.data import load_prompts
     from scylla.drafts import check_draft_spec
@@ -348,12 +390,12 @@ def cmd_peers(args) -> int:
     check_draft_spec(args.draft)
     if args.temperature < 0:
         raise ScyllaError(f"temperature must be >= 0, got {args.temperature}")
-    prompts = load_prompts(args.prompts, args.limit)
+    prompts = load_prompts(args.prompts, args.limit, args.split)
     if args.db:
         init_db(args.db)   # a bad store path fails now, not after an hour of decoding
     target = load_target()
     outcome = compare(target, prompts, engines, args.draft, args.k, args.max_new_tokens, args.temperature,
-                      args.seed, Path(args.prompts).name, args.timeout_s)
+                      args.seed, prompt_set_name(args), args.timeout_s)
     if args.db and outcome.rows:
         write_runs_atomic(args.db, outcome.rows)
     if args.json_out:
@@ -384,7 +426,7 @@ def write_json(path: str, obj: dict) -> None:
         raise ScyllaError(f"cannot write {path}: {exc.strerror}") from None
 
 
-COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "build-corpus": cmd_build_corpus,
+COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "compare-drafts": cmd_compare_drafts, "build-corpus": cmd_build_corpus,
             "train-draft": cmd_train_draft, "export-draft": cmd_export_draft, "fit": cmd_fit, "sweep": cmd_sweep,
             "recommend": cmd_recommend, "peers": cmd_peers}
 

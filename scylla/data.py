@@ -23,12 +23,16 @@ from scylla import ScyllaError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EVAL_PROMPTS = ASSETS / "eval_prompts.jsonl"
+SWEEP_PROMPTS = ASSETS / "sweep_prompts.jsonl"
+BROAD_PROMPTS = ASSETS / "broad_prompts.jsonl"   # 12 kinds of use, each split into tune and report halves
+ROLES = ("user", "assistant", "system")
 
 
 # ---------------------------------------------------------------- prompt files
 
-def load_prompts(path: str | Path, limit: int | None = None) -> list[dict]:
-    """Read a JSONL prompt file: each line has `turns` (first = the prompt) or `prompt`."""
+def load_prompts(path: str | Path, limit: int | None = None, split: str | None = None) -> list[dict]:
+    """Read a JSONL prompt file: each line has `turns` (first = the prompt), `prompt`, or a
+    conversation's `messages`. split: only the rows of that half (`tune` or `report`)."""
     path = Path(path)
     if not path.is_file():
         raise ScyllaError(f"prompts file not found: {path}")
@@ -36,11 +40,13 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[dict]:
     for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
-        rows.append(parse_prompt_line(line, path, number))
+        row = parse_prompt_line(line, path, number)
+        if split is None or row["split"] == split:
+            rows.append(row)
         if limit is not None and len(rows) >= limit:
             break
     if not rows:
-        raise ScyllaError(f"{path}: no prompts")
+        raise ScyllaError(f"{path}: no prompts" + (f" in split {split!r}" if split else ""))
     return rows
 
 
@@ -51,16 +57,36 @@ def parse_prompt_line(line: str, path: Path, number: int) -> dict:
         raise ScyllaError(f"{path}:{number}: malformed JSON ({exc.msg})") from None
     if not isinstance(obj, dict):
         raise ScyllaError(f"{path}:{number}: each line must be a JSON object")
+    messages = obj.get("messages")
+    if messages is not None and not valid_messages(messages):
+        raise ScyllaError(f"{path}:{number}: `messages` must be a list of {{role, content}} with roles "
+                          "user/assistant/system, non-empty text, the last one from the user")
     turns = obj.get("turns")
     text = turns[0] if isinstance(turns, list) and turns else obj.get("prompt")
+    text = messages[-1]["content"] if messages else text
     if not isinstance(text, str) or not text.strip():
         raise ScyllaError(f"{path}:{number}: needs a non-empty `turns` list or `prompt` string")
-    return {"prompt": text, "category": str(obj.get("category", "all")),
-            "question_id": str(obj.get("question_id", number))}
+    row = {"prompt": text, "category": str(obj.get("category", "all")),
+           "question_id": str(obj.get("question_id", number)), "split": str(obj.get("split", "all"))}
+    if messages:
+        row["messages"] = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return row
+
+
+def valid_messages(messages) -> bool:
+    return (isinstance(messages, list) and bool(messages)
+            and all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+                    and m["content"].strip() for m in messages)
+            and messages[-1]["role"] == "user")
 
 
 def eval_prompts(limit: int | None = None) -> list[dict]:
     return load_prompts(EVAL_PROMPTS, limit)
+
+
+def broad_prompts(split: str | None = None) -> list[dict]:
+    """The broad set (assets/broad_prompts.jsonl), or only its `tune` or `report` half."""
+    return load_prompts(BROAD_PROMPTS, split=split)
 
 
 # ---------------------------------------------------------------- real text on this machine

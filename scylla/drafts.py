@@ -58,43 +58,80 @@ class NgramDraft(Draft):
 
 
 class CopyOrDraft(Draft):
-    """Another draft that hands over to prompt lookup where the answer copies: when the
-    context's tail matches an earlier passage over at least `min_run` tokens (a summary
-    quoting its article, an answer lifted from a passage, code repeating a name), the copy
-    is proposed; elsewhere the other draft drafts. The other draft still observes every
-    step, so it picks up where the copy ends."""
+    """Another draft, or prompt lookup where the answer copies (a summary quoting its article,
+    an answer lifted from a passage, code repeating a name), chosen every step from measured
+    acceptance: when the context's tail matches an earlier passage, the copy is proposed if
+    copies whose match ran as far have had at least as many tokens accepted per step, in this
+    decode, as the other draft's proposals (priors: a match of 4 or more tokens copies, a
+    shorter one does not).
+    The other draft still observes every step, so it picks up where the copy ends."""
+
+    RUNS = (3, 4, 6, 9)   # match-run buckets: 3, 4-5, 6-8, 9 or more tokens
 
     def __init__(self, other: Draft, min_run: int = 4, ngram: int = 3):
         self.other, self.min_run, self.ngram = other, min_run, ngram
         self.name = f"{other.name}{COPY_SUFFIX}"
         self.feature_layers = other.feature_layers
+        self.reset_tallies()
+
+    def reset_tallies(self) -> None:
+        # [tokens accepted, steps]; each prior weighs as two steps
+        self.copy_tally = {run: [3.0 if run >= self.min_run else 0.5, 2.0] for run in self.RUNS}
+        self.model_tally = [1.0, 2.0]
+        self.last = None   # the tally the last proposal counts in
 
     def reset(self):
         self.other.reset()
+        self.reset_tallies()
 
     def fork(self) -> "CopyOrDraft":
         twin = copy.copy(self)
         twin.other = self.other.fork()
+        twin.reset_tallies()
         return twin
 
     def observe(self, tokens, features):
+        if self.last is not None and tokens:   # tokens: the root, then what was accepted
+            self.last[0] += len(tokens) - 1
+            self.last[1] += 1
+            self.last = None
         self.other.observe(tokens, features)
 
     def copied(self, context: list[int], k: int) -> list[int]:
+        """The copy worth proposing here, or [] where the other draft has measured better."""
         found, run = find_continuation(context, self.ngram, k)
-        return found[:run - 1] if run >= self.min_run else []
+        found = found[:run - 1]
+        if not found:
+            return []
+        bucket = self.copy_tally[max(r for r in self.RUNS if r <= max(run, self.RUNS[0]))]
+        if bucket[0] / bucket[1] < self.model_tally[0] / self.model_tally[1]:
+            return []
+        self.last = bucket
+        return found
+
+    def remember(self, tree: DraftTree) -> DraftTree:
+        self.last = self.model_tally if len(tree) else None
+        return tree
 
     def propose(self, context, k, temperature, top_p, generator):
         copy_ = self.copied(context, k)
-        return (copy_, None) if copy_ else self.other.propose(context, k, temperature, top_p, generator)
+        if copy_:
+            return copy_, None
+        drafted, q = self.other.propose(context, k, temperature, top_p, generator)
+        self.last = self.model_tally if drafted else None
+        return drafted, q
 
     def propose_chain(self, context, k, temperature, top_p, generator) -> DraftTree:
         copy_ = self.copied(context, k)
-        return DraftTree.chain(copy_) if copy_ else self.other.propose_chain(context, k, temperature, top_p, generator)
+        if copy_:
+            return DraftTree.chain(copy_)
+        return self.remember(self.other.propose_chain(context, k, temperature, top_p, generator))
 
     def propose_tree(self, context, shape, temperature, top_p, generator) -> DraftTree:
         copy_ = self.copied(context, shape.depth)
-        return DraftTree.chain(copy_) if copy_ else self.other.propose_tree(context, shape, temperature, top_p, generator)
+        if copy_:
+            return DraftTree.chain(copy_)
+        return self.remember(self.other.propose_tree(context, shape, temperature, top_p, generator))
 
 
 def find_continuations(context: list[int], n: int, k: int, limit: int) -> list[list[int]]:

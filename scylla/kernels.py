@@ -179,17 +179,18 @@ class Int4Linear:
             raise ScyllaError(f"no int4 kernel for {blocks.kind} blocks")
 
     def __call__(self, x: torch.Tensor, prefill: bool = False) -> torch.Tensor:
+        """x [..., K] in any float dtype -> bf16 [..., N]."""
         if x.dim() != 2:
             return self(x.reshape(-1, x.shape[-1]), prefill).view(*x.shape[:-1], self.out_features)
         if prefill and self.wide is not None:
-            return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.wide, None, "none", [], "").float()
+            return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.wide, None, "none", [], "")
         x = x.to(torch.bfloat16)
         if self.twice:
             x = torch.cat([x, x], -1)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, GROUP, self.table)
         if out.shape[-1] != self.out_features:
             out = out[:, :self.out_features]
-        return out.float()
+        return out   # bf16: the caller casts only where it must
 
 
 def wide_copy(blocks: Blocks):

@@ -12,6 +12,7 @@ drafting; the engine and the drafts use `forward`, `KVCache.keep` and `KVCache.s
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,15 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.lengths = torch.zeros(rows, dtype=torch.long)
         self.capacity = capacity
+        self.single = rows == 1   # made for one row: stays so when rows are selected (lean.compiles)
+        self.mark_static_dims()
+
+    def mark_static_dims(self) -> None:
+        """For torch.compile (LeanStack.compile): a cache varies in capacity only, never in
+        heads or head size, so those stay constants and no width is mistaken for them."""
+        for t in self.keys + self.values:
+            torch._dynamo.mark_static(t, 1)
+            torch._dynamo.mark_static(t, 3)
 
     @property
     def rows(self) -> int:
@@ -77,7 +87,8 @@ class KVCache:
         twin = object.__new__(KVCache)
         twin.keys = [k.clone() for k in self.keys]
         twin.values = [v.clone() for v in self.values]
-        twin.lengths, twin.capacity = self.lengths.clone(), self.capacity
+        twin.lengths, twin.capacity, twin.single = self.lengths.clone(), self.capacity, self.single
+        twin.mark_static_dims()
         return twin
 
     def reserve(self, capacity: int) -> None:
@@ -87,6 +98,7 @@ class KVCache:
         capacity = max(capacity, 2 * self.capacity)
         self.keys = [grown(k, capacity) for k in self.keys]
         self.values = [grown(v, capacity) for v in self.values]
+        self.mark_static_dims()
         self.capacity = capacity
 
     def check_room(self, width: int) -> None:
@@ -161,6 +173,8 @@ class LayerWeights:
     down: object
     n1: torch.Tensor
     n2: torch.Tensor
+    act: torch.dtype = torch.float32   # what the linears take: bf16 for the int4 kernel
+    wide: bool = False                 # bf16 copies for a prompt's forward (Int4Linear.wide)
 
     @classmethod
     def from_module(cls, layer, kind: str) -> "LayerWeights":
@@ -172,14 +186,15 @@ class LayerWeights:
                    gate_up=Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), kind),
                    down=Linear(m.down_proj.weight, kind),
                    n1=layer.input_layernorm.weight.detach(),
-                   n2=layer.post_attention_layernorm.weight.detach())
+                   n2=layer.post_attention_layernorm.weight.detach(), act=a.q_proj.weight.dtype)
 
     @classmethod
     def from_blocks(cls, b: dict) -> "LayerWeights":
         """From a GGUF layer's own blocks (scylla.q4), run by the int4 kernel."""
-        return cls(qkv=Int4Linear(concat_rows([b["q"], b["k"], b["v"]]), wide=True), o=Int4Linear(b["o"], wide=True),
-                   gate_up=Int4Linear(concat_rows([b["gate"], b["up"]]), wide=True),
-                   down=Int4Linear(b["down"], wide=True), n1=b["n1"], n2=b["n2"])
+        qkv = Int4Linear(concat_rows([b["q"], b["k"], b["v"]]), wide=True)
+        return cls(qkv=qkv, o=Int4Linear(b["o"], wide=True), gate_up=Int4Linear(concat_rows([b["gate"], b["up"]]), wide=True),
+                   down=Int4Linear(b["down"], wide=True), n1=b["n1"], n2=b["n2"], act=torch.bfloat16,
+                   wide=qkv.wide is not None)
 
 
 class LeanStack:
@@ -190,6 +205,7 @@ class LeanStack:
         self.hidden = config.hidden_size
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
+        self.gqa = bool(self.heads != self.kv_heads)
         self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.heads
         self.eps = config.rms_norm_eps
         self.theta = rope_theta_of(config)
@@ -198,17 +214,17 @@ class LeanStack:
         self.norm = norm if isinstance(norm, torch.Tensor) else norm.weight.detach()
         self.device = device
         self.cos = self.sin = self.sin_signed = torch.empty(0)
+        self.compiled_layers = None
 
     def new_cache(self, rows: int, capacity: int, dtype=torch.float32) -> KVCache:
-        self.ensure_rope(capacity)
+        self.ensure_rope(capacity, rope_dtype(dtype, self.norm.dtype))
         return KVCache(len(self.layers), rows, self.kv_heads, self.head_dim, capacity, dtype, self.device)
 
-    def ensure_rope(self, capacity: int) -> None:
-        if self.cos.shape[0] < capacity:
-            cos, sin = rope_table(self.head_dim, self.theta, max(capacity, 256), self.device)
-            # a half-precision stack rotates in its own dtype: SDPA wants q, k and v alike
-            low = self.norm.dtype in (torch.float16, torch.bfloat16)
-            self.cos, self.sin = (cos.to(self.norm.dtype), sin.to(self.norm.dtype)) if low else (cos, sin)
+    def ensure_rope(self, capacity: int, dtype) -> None:
+        """RoPE tables in the dtype that q and k rotate in (rope_dtype)."""
+        if self.cos.shape[0] < capacity or self.cos.dtype != dtype:
+            cos, sin = rope_table(self.head_dim, self.theta, max(capacity, 256, self.cos.shape[0]), self.device)
+            self.cos, self.sin = cos.to(dtype), sin.to(dtype)
             self.sin_signed = signed_sin(self.sin)
 
     def run(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor, allowed: torch.Tensor | None,
@@ -218,77 +234,115 @@ class LeanStack:
         (transformers' hidden_states numbering: 0 = the input, len(layers) = after the norm)."""
         rows, width, _ = x.shape
         cache.check_room(width)
-        self.ensure_rope(int(positions.max()) + 1)
+        self.ensure_rope(int(positions.max()) + 1, rope_dtype(cache.keys[0].dtype, x.dtype))
         cos, sin = self.cos[positions][:, None], self.sin_signed[positions][:, None]   # [B, 1, W, D]
-        slots = (cache.lengths[:, None] + torch.arange(width)[None]).to(x.device)  # [B, W]
+        at = cache_slots(cache, width, x.device)
         span = int(cache.lengths.max()) + width
-        same = bool((cache.lengths == cache.lengths[0]).all())
-        kept = {0: x} if 0 in keep_layers else {}
-        if not isinstance(allowed, str):
-            allowed = attention_bias(allowed, self.heads, self.kv_heads, cache.keys[0].dtype)
-        flat = x.reshape(rows * width, self.hidden)
+        layers = self.compiled_layers if self.compiles(cache, at, allowed) else self.run_layers
+        out, hidden = layers(x.reshape(rows * width, self.hidden), cache.keys, cache.values, at, cos, sin, span, allowed)
+        kept = {i: x if i == 0 else hidden[i - 1].view(rows, width, self.hidden) for i in keep_layers}
+        return out.view(rows, width, self.hidden), kept
+
+    def run_layers(self, flat, keys, values, at, cos, sin, span, allowed):
+        """The layers and the final norm: (normed output, [hidden after each layer]); the
+        last entry is the normed output, as in transformers' numbering."""
+        hidden = []
         for i, p in enumerate(self.layers):
-            flat = self.layer(flat, p, cache, i, rows, width, cos, sin, slots, span, same, allowed)
-            if i + 1 in keep_layers and i + 1 < len(self.layers):
-                kept[i + 1] = flat.view(rows, width, self.hidden)
-        out = torch.rms_norm(flat, (self.hidden,), self.norm, self.eps).view(rows, width, self.hidden)
-        if len(self.layers) in keep_layers:
-            kept[len(self.layers)] = out
-        return out, kept
+            flat = self.layer(flat, p, keys[i], values[i], at, cos, sin, span, allowed)
+            hidden.append(flat)
+        hidden[-1] = torch.rms_norm(flat, (self.hidden,), self.norm, self.eps)
+        return hidden[-1], hidden
 
-    def attend(self, q, keys, values, span, bias):
-        """Attention over the cache as two matmuls, in the cache's dtype: float64 for the q4
-        target. A token's output must be bitwise the same whether it is decoded alone or
-        verified in a block (a chain, or a tree whose node sits after masked siblings): its
-        sums over the cache then run in another order, and the q4 target's bf16 roundings
-        would turn the last-bit difference into another token on about one prompt in five
-        (measured). Summed in float64 and rounded to float32, order no longer shows.
-        bias: attention_bias (None: no mask), shared by the layers."""
-        rows, _, width, dim = q.shape
-        group, n = self.heads // self.kv_heads, rows * self.kv_heads
-        grouped = q.to(keys.dtype).reshape(n, group * width, dim)   # the query heads of each kv head
-        past = keys[:, :, :span].reshape(n, span, dim).transpose(-1, -2)
-        scores = (torch.bmm(grouped, past) if bias is None else torch.baddbmm(bias, grouped, past)).mul_(dim ** -0.5)
-        out = torch.bmm(torch.softmax(scores, -1), values[:, :, :span].reshape(n, span, dim))
-        return out.to(q.dtype).view(rows, self.heads, width, dim)
+    def compile(self) -> None:
+        """Run one-row forwards past the prompt through torch.compile (inductor's C++): the
+        per-op dispatch of about 25 small ops per layer is most of a q4 step otherwise.
+        One compiled graph serves width 1 and one every wider block (dynamic shapes), and
+        the tests hold a block's rows bitwise equal to the same tokens decoded one by one."""
+        for t in [self.norm] + [t for p in self.layers for t in weight_tensors(p)]:
+            torch._dynamo.mark_static(t)   # the weights' sizes are constants; widths and lengths vary
+        self.compiled_layers = torch.compile(self.run_layers, dynamic=True)
 
-    def layer(self, flat, p, cache, i, rows, width, cos, sin, slots, span, same, allowed):
+    def compiles(self, cache: KVCache, at: "CacheSlots", allowed) -> bool:
+        """Compiled for caches made for one row (so a batch never switches path halfway),
+        past the prompt (a prefill runs the wide kernels), with a length of 2 or more
+        (torch.compile specialises sizes 0 and 1)."""
+        return (self.compiled_layers is not None and cache.single and at.start is not None
+                and at.start >= 2 and not isinstance(allowed, str))
+
+    def attend(self, q, keys, values, span, allowed):
+        """SDPA over the cache in the cache's dtype: float64 for the q4 target. A token's
+        output must be bitwise the same whether it is decoded alone or verified in a block
+        (a chain, or a tree whose node sits after masked siblings): its sums over the cache
+        then run in another order, and the q4 target's bf16 roundings would turn the
+        last-bit difference into another token on about one prompt in five (measured).
+        Summed in float64 and rounded once, order no longer shows.
+        allowed: bool [B, 1, W, span] (None: every query sees the whole span)."""
+        return F.scaled_dot_product_attention(q.to(keys.dtype), keys[:, :, :span], values[:, :, :span],
+                                              attn_mask=allowed, enable_gqa=self.gqa)
+
+    def prefill_attend(self, q, keys, values, span, wide: bool):
+        """A prompt over an empty cache: SDPA's causal kernel, in bf16 where the prompt's
+        products already are (the q4 target's wide kernels)."""
+        low = torch.bfloat16 if wide else q.dtype
+        return F.scaled_dot_product_attention(q.to(low), keys[:, :, :span].to(low), values[:, :, :span].to(low),
+                                              is_causal=True, enable_gqa=self.gqa)
+
+    def layer(self, flat, p, keys, values, at, cos, sin, span, allowed):
+        """One decoder layer. Linears take and return their kernel's dtype (bf16 for int4):
+        the residual stream stays fp32 (a bf16 output added to it is promoted), q and k
+        rotate in the cache's dtype, and no cast runs that a kernel does not need."""
         prefill = isinstance(allowed, str)   # a prompt over an empty cache: the wide kernels
-        qkv = p.qkv(torch.rms_norm(flat, (self.hidden,), p.n1, self.eps), prefill)
+        rows, width = at.rows, at.width
+        qkv = p.qkv(torch.rms_norm(flat, (self.hidden,), p.n1, self.eps).to(p.act), prefill)
         qkv = qkv.view(rows, width, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
-        qk = apply_rope_signed(qkv[:, :self.heads + self.kv_heads], cos, sin)   # q and k rotated at once
-        q, k = qk[:, :self.heads], qk[:, self.heads:]
-        v = qkv[:, self.heads + self.kv_heads:]
-        keys, values = cache.keys[i], cache.values[i]
-        if same:  # every row writes at the same slots: a plain slice
-            start = int(cache.lengths[0])
-            keys[:, :, start:start + width] = k
-            values[:, :, start:start + width] = v
+        qk = apply_rope_signed(qkv[:, :self.heads + self.kv_heads].to(cos.dtype), cos, sin)   # q and k at once
+        at.write(keys, qk[:, self.heads:])
+        at.write(values, qkv[:, self.heads + self.kv_heads:])
+        if prefill:
+            o = self.prefill_attend(qk[:, :self.heads], keys, values, span, p.wide)
         else:
-            row_idx = torch.arange(rows, device=flat.device)[:, None]
-            keys[row_idx, :, slots] = k.transpose(1, 2).to(keys.dtype)
-            values[row_idx, :, slots] = v.transpose(1, 2).to(values.dtype)
-        if prefill:   # SDPA's causal kernel; in bf16 where the prompt's products already are
-            low = torch.bfloat16 if getattr(p.qkv, "wide", None) is not None else q.dtype
-            o = F.scaled_dot_product_attention(q.to(low), keys[:, :, :span].to(low), values[:, :, :span].to(low),
-                                               is_causal=True, enable_gqa=self.heads != self.kv_heads).to(q.dtype)
-        else:
-            o = self.attend(q, keys, values, span, allowed)
-        flat = flat + p.o(o.transpose(1, 2).reshape(rows * width, self.heads * self.head_dim), prefill)
-        gate, up = p.gate_up(torch.rms_norm(flat, (self.hidden,), p.n2, self.eps), prefill).chunk(2, -1)
+            o = self.attend(qk[:, :self.heads], keys, values, span, allowed)
+        flat = flat + p.o(o.transpose(1, 2).reshape(rows * width, self.heads * self.head_dim).to(p.act), prefill)
+        gate, up = p.gate_up(torch.rms_norm(flat, (self.hidden,), p.n2, self.eps).to(p.act), prefill).chunk(2, -1)
         return flat + p.down(F.silu(gate) * up, prefill)
 
 
-def attention_bias(allowed, heads: int, kv_heads: int, dtype):
-    """Additive mask [B * kv_heads, group * W, span] (group = query heads per kv head) from
-    `allowed` [B, 1, W, span]: 0 where a query may look, -inf elsewhere; None stays None
-    (one row, one token: it sees everything)."""
-    if allowed is None:
-        return None
-    rows, _, width, span = allowed.shape
-    group = heads // kv_heads
-    ok = allowed[:, :, None].expand(rows, kv_heads, group, width, span).reshape(rows * kv_heads, group * width, span)
-    return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, float("-inf"))
+def weight_tensors(p: LayerWeights) -> list[torch.Tensor]:
+    """Every tensor a layer's forward reads (its kernels' packed weights and tables, its norms)."""
+    out = [p.n1, p.n2]
+    for lin in (p.qkv, p.o, p.gate_up, p.down):
+        out += [t for t in (getattr(lin, "weight", None), getattr(lin, "table", None)) if isinstance(t, torch.Tensor)]
+    return out
+
+
+def rope_dtype(cache_dtype, x_dtype):
+    """q and k rotate in the cache's dtype (float64 for q4), a half-precision stack in its own."""
+    return x_dtype if x_dtype in (torch.float16, torch.bfloat16) else cache_dtype
+
+
+@dataclass
+class CacheSlots:
+    """Where a block's keys and values go: one slice when every row starts at the same
+    length (one row, or a prefill), else per-row slots."""
+
+    rows: int
+    width: int
+    start: int | None
+    slots: torch.Tensor | None
+
+    def write(self, buffer: torch.Tensor, block: torch.Tensor) -> None:
+        if self.start is not None:
+            buffer[:, :, self.start:self.start + self.width] = block
+        else:
+            row_idx = torch.arange(self.rows, device=buffer.device)[:, None]
+            buffer[row_idx, :, self.slots] = block.transpose(1, 2).to(buffer.dtype)
+
+
+def cache_slots(cache: KVCache, width: int, device) -> CacheSlots:
+    lengths = cache.lengths
+    if bool((lengths == lengths[0]).all()):
+        return CacheSlots(cache.rows, width, int(lengths[0]), None)
+    return CacheSlots(cache.rows, width, None, (lengths[:, None] + torch.arange(width)[None]).to(device))
 
 
 def block_positions(lengths: torch.Tensor, offsets: torch.Tensor | None, width: int) -> torch.Tensor:
@@ -318,6 +372,13 @@ def mask_for(cache: KVCache, block: torch.Tensor | None, width: int, device):
 
 # ---------------------------------------------------------------- the target
 
+def compile_wanted(device) -> bool:
+    """The q4 target compiles its one-row forwards on CPU unless SCYLLA_COMPILE=0 (the tests
+    set it, and a first load costs about 35 s of compiling; later processes reuse inductor's
+    cache)."""
+    return str(device).startswith("cpu") and os.environ.get("SCYLLA_COMPILE", "1") != "0"
+
+
 class LeanLM:
     """Embedding, LeanStack and the LM head of a loaded transformers Llama."""
 
@@ -339,6 +400,8 @@ class LeanLM:
             self.embed = BlockEmbedding(gguf.embed)
             self.head = Int4Linear(gguf.head)
             self.head_rows = self.embed if gguf.head is gguf.embed else BlockEmbedding(gguf.head)
+            if compile_wanted(device):
+                self.stack.compile()
         else:
             self.kind = linear_kind(device, quant, weight.dtype)
             self.stack = LeanStack(list(inner.layers)[:layers], inner.norm, model.config, self.kind, device)
@@ -347,6 +410,8 @@ class LeanLM:
         self.vocab = self.head.out_features
         self.n_layers = len(self.stack.layers)
         self.device = device
+        if self.stack.compiled_layers is not None:
+            self.warm_up()
 
     def first_layers(self, layers: int) -> "LeanLM":
         """The same weights (shared, not copied) with only the first `layers` decoder layers."""
@@ -356,16 +421,27 @@ class LeanLM:
         twin.stack.__dict__.update(self.stack.__dict__)
         twin.stack.layers = self.stack.layers[:layers]
         twin.stack.cos = twin.stack.sin = twin.stack.sin_signed = torch.empty(0)
+        twin.stack.compiled_layers = None   # a layer-skip draft runs eagerly: no second compile
         twin.n_layers = layers
         return twin
 
+    def warm_up(self) -> None:
+        """Compile now, not in the first timed step: a token, then blocks of two and five."""
+        cache = self.new_cache(1, 24)
+        self.forward(torch.tensor([[1, 2, 3]]), cache)
+        cache.keep(0, [0, 1, 2])
+        for ids in ([[4]], [[5, 6]], [[7, 8, 9, 10, 11]]):
+            self.forward(torch.tensor(ids), cache)
+            cache.keep(0, [0])
+
     @property
     def kernels(self) -> str:
-        return {"packed": "lean forward, oneDNN-prepacked fp32 linears",
+        text = {"packed": "lean forward, oneDNN-prepacked fp32 linears",
                 "int8": "lean forward, PyTorch dynamic int8 linears (fbgemm)",
                 "int4": "lean forward, the GGUF's Q4_1 blocks on PyTorch's int4 CPU kernel "
                         "(bf16 activations); Q8_0 embedding and head as two int4 halves",
                 "fp32": "lean forward, fp32 F.linear"}[self.kind]
+        return text + ("; one-row steps compiled (torch.compile)" if self.stack.compiled_layers is not None else "")
 
     def new_cache(self, rows: int, capacity: int) -> KVCache:
         # q4: keys and values kept in float64 so that attention sums do not depend on their order
@@ -396,7 +472,7 @@ class LeanLM:
         flat = hidden.reshape(-1, hidden.shape[-1])
         logits = self.head(flat)
         if self.kind == "int4":
-            logits = refine_top(logits, flat, self.head_rows)
+            logits = refine_top(logits.float(), flat, self.head_rows)
         return logits.view(*hidden.shape[:-1], self.vocab)
 
 

@@ -265,6 +265,27 @@ def encode_prompt(target: Target, text: str, chat: bool = True) -> list[int]:
     return list(ids)
 
 
+def encode_messages(target: Target, messages: list[dict]) -> list[int]:
+    """Token ids of a whole conversation ({role, content} dicts, the last from the user), formatted
+    with the chat template and its generation prompt; without a template, the turns' plain text."""
+    if not messages or not all(m.get("content", "").strip() for m in messages):
+        raise ScyllaError("empty conversation or turn")
+    tok = target.tokenizer
+    if getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
+                                      add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+    else:
+        ids = tok("\n\n".join(m["content"] for m in messages))["input_ids"]
+    return list(ids)
+
+
+def encode_row(target: Target, row: dict) -> list[int]:
+    """A prompt file's row: the whole conversation where it has `messages`, else its prompt."""
+    return encode_messages(target, row["messages"]) if row.get("messages") else encode_prompt(target, row["prompt"])
+
+
 if __name__ == "__main__":
     start = time.perf_counter()
     t = load_target()

@@ -5,3 +5,4 @@ QUANTS = ("q4", "none", "int8", "nf4")   # q4: the GGUF's own blocks; none: the 
 DEFAULT_QUANT = "q4"
 BACKENDS = ("lean", "hf")                # lean: the engine's own forward; hf: transformers'
 AXES = ("tokens", "layers", "batch")     # the paper's three axes (draft tokens, draft depth, batch size)
+SPLITS = ("tune", "report")               # the broad prompt set: choose settings on one half, report on the other

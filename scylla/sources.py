@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from scylla.data import eval_prompts, stdlib_docstrings, stdlib_functions, training_prompts
+from scylla.data import (SWEEP_PROMPTS, broad_prompts, eval_prompts, load_prompts, stdlib_docstrings,
+                         stdlib_functions, training_prompts)
 
 SHINGLE = 8
 MAGPIE_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -59,7 +60,14 @@ def shingles(text: str) -> set[str]:
 
 
 def eval_shingles() -> list[set[str]]:
-    return [shingles(row["prompt"]) for row in eval_prompts()]
+    """Keys of every evaluation prompt (the eval, sweep and broad sets): training stays away."""
+    rows = eval_prompts() + load_prompts(SWEEP_PROMPTS) + broad_prompts()
+    return [shingles(prompt_text(row)) for row in rows]
+
+
+def prompt_text(row: dict) -> str:
+    """A prompt's whole text: every turn of a conversation, else the prompt."""
+    return "\n\n".join(m["content"] for m in row.get("messages", ())) or row["prompt"]
 
 
 def near_duplicate(keys: set[str], index: dict[str, list[int]], sizes: list[int], share: float = 0.5) -> bool:

@@ -375,3 +375,19 @@ def test_head_with_copy_fallback_stays_greedy_exact_and_copies_only_long_matches
     for bad in ("ngram+ngram", "none+ngram", "+ngram", "bogus+ngram"):
         with pytest.raises(ScyllaError, match="unknown --draft"):
             check_draft_spec(bad)
+
+
+def test_copy_or_draft_chooses_from_the_acceptance_measured_in_this_decode():
+    from scylla.drafts import CopyOrDraft, NgramDraft
+    from scylla.proposals import DraftTree
+
+    draft = CopyOrDraft(NgramDraft())
+    long_match = [1, 2, 3, 4, 5, 6, 9, 1, 2, 3, 4]
+    assert draft.copied(long_match, 4) == [5, 6, 9]       # the prior: a 4-token run copies
+    draft.observe([4], None)                              # nothing of the copy accepted
+    draft.remember(DraftTree.chain([7, 8, 9]))
+    draft.observe([4, 7, 8, 9], None)                     # all of the other draft's chain accepted
+    assert draft.copied(long_match, 4) == []              # so now the other draft proposes
+    assert draft.fork().copied(long_match, 4) == [5, 6, 9]   # a new row starts from the priors
+    draft.reset()
+    assert draft.copied(long_match, 4) == [5, 6, 9]

@@ -20,6 +20,7 @@ from scipy import stats
 import scylla.decoding as decoding
 from scylla.decoding import DraftTree, accept, batch_generate_ids, generate_ids, logits_to_probs
 from scylla.drafts import LayerSkipDraft, NgramDraft
+from scylla.proposals import Draft
 from tests.conftest import tiny_target
 from tests.test_engine import one_thread  # noqa: F401
 
@@ -226,3 +227,57 @@ def test_batch_rows_of_different_lengths_sample_losslessly(tree, one_thread):
             counts[row][ids[2], ids[3]] += 1
     for row, prompt in enumerate(prompts):
         assert chisquare_p(counts[row], exact_joint_34(target, prompt, 0.9, 0.95)) > 0.001
+
+
+class SampledTreeDraft(Draft):
+    """A stochastic branching tree through the engine: at each node, two children drawn
+    i.i.d. from a fixed q that depends on the parent token (SpecInfer's setting), with q."""
+
+    name = "sampled-tree"
+
+    def __init__(self, vocab: int, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.q_of = torch.softmax(2.0 * torch.randn(vocab, vocab, generator=gen), -1)
+        self.rng = random.Random(seed)
+
+    def propose_tree(self, context, shape, temperature, top_p, generator):
+        tokens, parents, q_rows, frontier = [], [], [], [(-1, context[-1])]
+        for _ in range(shape.depth):
+            nxt = []
+            for node, prev in frontier:
+                q = self.q_of[prev]
+                for tok in self.rng.choices(range(q.shape[0]), weights=q.tolist(), k=2):
+                    tokens.append(tok)
+                    parents.append(node)
+                    q_rows.append(q)
+                    nxt.append((len(tokens) - 1, tok))
+            frontier = nxt
+        return DraftTree(tokens, parents, torch.stack(q_rows))
+
+
+def engine_tree_counts(target, prompt, n, temperature):
+    draft = SampledTreeDraft(target.model.config.vocab_size, seed=5)
+    vocab = target.model.config.vocab_size
+    counts, deepest = np.zeros((vocab, vocab)), 0
+    for i in range(n):
+        out, steps = generate_ids(target, draft, prompt, max_new_tokens=4, temperature=temperature,
+                                  seed=i, tree="tree:2,2,6")
+        counts[out[2], out[3]] += 1
+        deepest = max([deepest] + [s.accepted for s in steps])
+    return counts, deepest
+
+
+def test_engine_samples_a_branching_stochastic_tree_losslessly_and_a_wrong_residual_fails(monkeypatch, one_thread):
+    """Several sampled candidates per level, verified as siblings through the engine; the
+    same run with the residual that ignores q must be caught."""
+    vocab = 6
+    target = tiny_target(vocab=vocab, layers=3, hidden=16, init_range=0.6, eos=99)
+    target.model.generation_config.eos_token_id = None
+    prompt = [2, 0, 3, 1, 5, 2]
+    joint = exact_joint_34(target, prompt, 1.0, 1.0)
+    counts, deepest = engine_tree_counts(target, prompt, 1500, 1.0)
+    assert deepest == 2   # both levels of the tree were accepted at times
+    assert chisquare_p(counts, joint) > 0.001
+    monkeypatch.setattr(decoding, "drop_rejected", wrong_residual)
+    counts, _ = engine_tree_counts(target, prompt, 1500, 1.0)
+    assert chisquare_p(counts, joint) < 0.001

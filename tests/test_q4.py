@@ -106,6 +106,8 @@ def test_int4_linear_equals_dequantize_then_fp32_within_bf16_rounding(kind, rows
     x = torch.randn(5, 128, generator=gen)
     want = x @ blocks.dequantize().T
     got = Int4Linear(blocks)(x)
+    assert got.dtype == torch.bfloat16   # really the bf16 path, not a silent fp32 one
+    got = got.float()
     # bf16 keeps 8 significant bits: activations and scales each round by <= 2^-9 relative,
     # summed over 128 products of random sign
     tol = 4 * 2 ** -9 * (x.abs() @ blocks.dequantize().abs().T)
@@ -173,6 +175,29 @@ def test_speculative_greedy_on_q4_equals_q4_plain_decoding(kind, shape, tmp_path
         assert got == q4_plain(target, prompt, 30)
         accepted += sum(s.accepted for s in steps)
     assert accepted > 0 or kind != "layerskip"   # the verify path really kept drafted tokens
+
+
+def test_compiled_q4_steps_match_blocks_bitwise_and_speculation_stays_lossless(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCYLLA_COMPILE", "1")
+    target = tiny_q4_target(tmp_path)
+    fwd = target.forward
+    assert fwd.stack.compiled_layers is not None and "compiled" in target.kernels
+    prompt, ids = torch.tensor([[5, 9, 33, 12, 40]]), torch.tensor([[7, 21, 3, 60]])
+    cache = fwd.new_cache(1, 32)
+    fwd.forward(prompt, cache)
+    cache.keep(0, list(range(5)))
+    block, _ = fwd.forward(ids, cache)
+    one_by_one = []
+    for j in range(4):
+        logits, _ = fwd.forward(ids[:, j:j + 1], cache)
+        cache.keep(0, [0])
+        one_by_one.append(logits)
+    assert torch.equal(block, torch.cat(one_by_one, 1))   # the same numbers, whichever width
+    rng = random.Random(3)
+    for draft, shape in ((RandomTreeDraft(96, seed=1), "tree:4,3,12"), (NgramDraft(), None)):
+        prompt = [rng.randrange(3, 12) for _ in range(rng.randrange(4, 30))]
+        got, _ = generate_ids(target, draft, prompt, max_new_tokens=30, k=4, tree=shape)
+        assert got == q4_plain(target, prompt, 30)
 
 
 def test_a_q4_batch_of_rows_equals_each_rows_plain_decoding(tmp_path):
