@@ -341,6 +341,8 @@ def batch_generate(target, draft, prompts: list[list[int]], max_new_tokens: int 
     check_batch(target, prompts, max_new_tokens)
     if isinstance(tree, str):
         tree = TreeShape.parse(tree)
+    if tree is not None and draft is not None and not draft.has_tree:
+        raise ScyllaError(f"--draft {draft.name} proposes chains only, not trees: use --k instead of --tree")
     if shared_prefill is not None and len(prompts) != 1:
         raise ScyllaError("a shared prefill serves a single prompt")
     generator = make_generator(seed, target.device)

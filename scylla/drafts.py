@@ -127,6 +127,10 @@ class CopyOrDraft(Draft):
             return DraftTree.chain(copy_)
         return self.remember(self.other.propose_chain(context, k, temperature, top_p, generator))
 
+    @property
+    def has_tree(self) -> bool:
+        return self.other.has_tree
+
     def propose_tree(self, context, shape, temperature, top_p, generator) -> DraftTree:
         copy_ = self.copied(context, shape.depth)
         if copy_:

@@ -254,6 +254,8 @@ def load_eagle3_head(folder: Path, target_model) -> FeatureHead:
     load_weights(head, folder, lambda tensors: eagle3.from_layout(tensors, cfg.draft_vocab, where))
     if int(head.d2t.min()) < 0 or int(head.d2t.max()) >= cfg.target_vocab:
         raise ScyllaError(f"{folder}: d2t maps draft ids outside the target vocabulary")
+    if int(head.d2t.unique().numel()) < int(head.d2t.numel()):   # index_copy would keep one, drop the other's mass
+        raise ScyllaError(f"{folder}: d2t maps two draft ids to one target id")
     return attached(head, target_model)
 
 

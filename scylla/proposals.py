@@ -156,8 +156,11 @@ class Draft:
         confidence = None if q is None else [float(q[i, t]) for i, t in enumerate(drafted)]
         return DraftTree.chain(drafted, q, confidence)
 
+    @property
+    def has_tree(self) -> bool:
+        """Whether this draft proposes trees of its own (the engine refuses a tree shape otherwise)."""
+        return type(self).propose_tree is not Draft.propose_tree
+
     def propose_tree(self, context: list[int], shape: TreeShape, temperature: float, top_p: float,
                      generator) -> DraftTree:
-        """A draft tree; drafts without a tree of their own give their greedy chain."""
-        drafted, _ = self.propose(context, shape.depth, 0.0, 1.0, None)
-        return DraftTree.chain(drafted)
+        raise NotImplementedError(f"{self.name} has no tree proposer")

@@ -269,6 +269,9 @@ def broken_copies(exported: Path, tmp: Path):
     yield copy("bad-layer-ids", {"eagle_aux_hidden_state_layer_ids": [1, 2, 99]})
     yield copy("lacks-fields", {"intermediate_size": None})
     yield copy("bad-d2t", add={"d2t": torch.full((48,), 500, dtype=torch.long)})
+    twice = tensors["d2t"].clone()
+    twice[1] = tensors["d2t"][0] - 1          # draft ids 0 and 1 both land on one target id
+    yield copy("duplicate-d2t", add={"d2t": twice})
     folder = tmp / "not-safetensors"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(cfg))
@@ -282,6 +285,7 @@ def test_malformed_eagle3_folders_are_refused_with_one_line(target, exported, tm
             make_draft(str(folder), target)
         assert "\n" not in str(err.value), name
         assert str(folder) in str(err.value) or "EAGLE-3" in str(err.value), (name, str(err.value))
+        assert name != "duplicate-d2t" or "two draft ids" in str(err.value)
 
 
 def test_the_shipped_scylla_exported_decodes_exactly_as_shipped(real_target, tmp_path):

@@ -17,7 +17,7 @@ from scylla.models import Target
 from scylla.q4 import blocks_of, load_gguf_weights, read_tensors, unpermute_rows
 from tests.conftest import tiny_llama
 from tests.test_engine import one_thread  # noqa: F401
-from tests.test_lossless import chisquare_p
+from tests.test_lossless import SampledTreeDraft, chisquare_p
 from tests.test_tree import RandomTreeDraft
 
 pytestmark = pytest.mark.skipif(not int4_available(), reason="no native bf16: the q4 target falls back to fp32")
@@ -163,7 +163,7 @@ def q4_plain(target, prompt, n):
 
 
 @pytest.mark.parametrize("kind,shape", [("ngram", None), ("layerskip", None), ("random-tree", "tree:4,3,12"),
-                                        ("layerskip", "tree:3,2,6")])
+                                        ("ngram", "tree:3,2,6")])
 def test_speculative_greedy_on_q4_equals_q4_plain_decoding(kind, shape, tmp_path):
     target = tiny_q4_target(tmp_path)
     draft = {"ngram": NgramDraft(), "layerskip": LayerSkipDraft(target, 2),
@@ -255,7 +255,7 @@ def test_sampling_on_q4_is_lossless(tree, tmp_path, one_thread):
     target = tiny_q4_target(tmp_path, vocab=vocab, layers=3, init_range=0.6, eos=99)
     target.model.generation_config.eos_token_id = None
     prompt = [2, 0, 3, 1, 5, 2, 0, 3, 1]
-    draft = LayerSkipDraft(target, 1)
+    draft = LayerSkipDraft(target, 1) if tree is None else SampledTreeDraft(vocab, seed=5)   # a branching tree with q
     counts = np.zeros((vocab, vocab))
     for i in range(1200):
         out, _ = generate_ids(target, draft, prompt, max_new_tokens=4, k=2, temperature=1.0, seed=i, tree=tree)

@@ -36,12 +36,11 @@ class RandomTreeDraft(Draft):
         return DraftTree(tokens, parents)
 
 
-@pytest.mark.parametrize("kind", ["ngram", "random-tree", "layerskip", "head"])
+@pytest.mark.parametrize("kind", ["ngram", "random-tree", "head"])
 @pytest.mark.parametrize("shape", ["tree:1,1,1", "tree:4,3,12", "tree:6,4,30"])
 def test_tree_decoding_equals_plain_greedy(kind, shape, tmp_path):
     target = tiny_target()
-    drafts = {"ngram": NgramDraft(), "random-tree": RandomTreeDraft(96, seed=2),
-              "layerskip": LayerSkipDraft(target, 2)}
+    drafts = {"ngram": NgramDraft(), "random-tree": RandomTreeDraft(96, seed=2)}
     draft = head_draft(target, tmp_path) if kind == "head" else drafts[kind]
     rng = random.Random(len(kind) + len(shape))
     for _ in range(3):
@@ -50,6 +49,18 @@ def test_tree_decoding_equals_plain_greedy(kind, shape, tmp_path):
         got, steps = generate_ids(target, draft, prompt, max_new_tokens=30, tree=shape)
         assert got == plain_greedy(target, prompt, 30)
         assert all(s.tree_size <= TreeShape.parse(shape).total for s in steps)
+
+
+def test_a_draft_without_trees_given_a_tree_shape_is_refused_not_turned_into_a_chain():
+    from scylla import ScyllaError
+    from scylla.drafts import CopyOrDraft
+
+    target = tiny_target()
+    for draft in (LayerSkipDraft(target, 2), CopyOrDraft(LayerSkipDraft(target, 2))):
+        assert not draft.has_tree
+        with pytest.raises(ScyllaError, match="chains only"):
+            generate_ids(target, draft, [5, 6, 7], max_new_tokens=4, tree="tree:2,2,4")
+    assert NgramDraft().has_tree and RandomTreeDraft(96).has_tree
 
 
 def test_ngram_trees_branch():
