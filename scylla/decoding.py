@@ -472,8 +472,9 @@ def verify_costs(target, batch: int, kmax: int, context: int = 128, repeats: int
     """Median ms of one target forward of w = 1..kmax+1 tokens per row at this batch size,
     over a cache of `context` tokens; cached in memory and in the cache folder's calibration.json."""
     fwd = target.forward
+    compiled = "|compiled" if getattr(getattr(fwd, "stack", None), "compiled_layers", None) is not None else ""
     key = (f"{target.name}|{target.quant}|{target.device}|{fwd.backend}|{torch.get_num_threads()}t"
-           f"|B{batch}|ctx{context}")
+           f"|B{batch}|ctx{context}{compiled}")
     path = cache_root() / "calibration.json"
     if key not in _COSTS:
         stored = json.loads(path.read_text()) if path.is_file() else {}

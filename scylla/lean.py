@@ -376,7 +376,15 @@ def compile_wanted(device) -> bool:
     """The q4 target compiles its one-row forwards on CPU unless SCYLLA_COMPILE=0 (the tests
     set it, and a first load costs about 35 s of compiling; later processes reuse inductor's
     cache)."""
-    return str(device).startswith("cpu") and os.environ.get("SCYLLA_COMPILE", "1") != "0"
+    return (str(device).startswith("cpu") and os.environ.get("SCYLLA_COMPILE", "1") != "0"
+            and cxx_available())
+
+
+def cxx_available() -> bool:
+    """Inductor builds its CPU kernels with a C++ compiler; without one the forward stays eager."""
+    import shutil
+
+    return any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "g++", "c++"))
 
 
 class LeanLM:

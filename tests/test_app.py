@@ -267,8 +267,7 @@ def test_live_page_streams_both_sides_with_charts(tiny_live):
 
 def test_live_page_decodes_with_a_draft_tree(tiny_live):
     at = app("pages/live_decoding.py")
-    at.selectbox(key="draft_kind").set_value("layerskip").run()
-    at.number_input(key="skip_layers").set_value(1)
+    at.selectbox(key="draft_kind").set_value("ngram").run()
     at.radio(key="shape").set_value("tree").run()
     at.slider(key="tree_depth").set_value(3)
     at.slider(key="tree_total").set_value(8)
@@ -276,6 +275,16 @@ def test_live_page_decodes_with_a_draft_tree(tiny_live):
     at.button(key="generate").click().run()
     assert not at.exception and not at.error, messages(at.error)
     assert ("tokens", "16") in [(m.label, m.value) for m in at.metric]
+
+
+def test_live_page_refuses_a_tree_for_a_draft_that_only_chains(tiny_live):
+    at = app("pages/live_decoding.py")
+    at.selectbox(key="draft_kind").set_value("layerskip").run()
+    at.number_input(key="skip_layers").set_value(1)
+    at.radio(key="shape").set_value("tree").run()
+    at.button(key="generate").click().run()
+    assert not at.exception
+    assert any("chains only" in m for m in messages(at.error)), messages(at.error)
 
 
 @pytest.mark.parametrize("prompt, expected", [("   ", "empty"), ("x" * 5000, "too long")])
