@@ -374,8 +374,8 @@ def mask_for(cache: KVCache, block: torch.Tensor | None, width: int, device):
 
 def compile_wanted(device) -> bool:
     """The q4 target compiles its one-row forwards on CPU unless SCYLLA_COMPILE=0 (the tests
-    set it, and a first load costs about 35 s of compiling; later processes reuse inductor's
-    cache)."""
+    set it: a cold process spends about 110 s compiling, about 30 s once inductor's cache is
+    warm)."""
     return (str(device).startswith("cpu") and os.environ.get("SCYLLA_COMPILE", "1") != "0"
             and cxx_available())
 

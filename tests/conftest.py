@@ -12,7 +12,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from scylla.models import Target
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("SCYLLA_COMPILE", "0")   # the q4 compile costs ~35 s a process; one test turns it on
+os.environ.setdefault("SCYLLA_COMPILE", "0")   # the q4 compile costs 30-110 s a process; one test turns it on
 
 
 def tiny_llama(vocab: int = 96, layers: int = 4, hidden: int = 32, max_pos: int = 256, seed: int = 0,
