@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from dataclasses import replace  # noqa: E402
 
-from scylla.decoding import DraftTree, measure_verify_costs, speculative_generate  # noqa: E402
+from scylla.budget import measure_verify_costs  # noqa: E402
+from scylla.decoding import DraftTree, speculative_generate  # noqa: E402
 from scylla.drafts import make_draft  # noqa: E402
 from scylla.models import encode_prompt, load_target  # noqa: E402
 

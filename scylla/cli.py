@@ -266,8 +266,11 @@ def check_flags(args) -> None:
     check_decode_args(args.max_new_tokens, args.temperature, args.top_p, args.k)
     if args.tree:
         from scylla.decoding import TreeShape
+        from scylla.drafts import chains_only
 
         args.tree = TreeShape.parse(args.tree)
+        if chains_only(args.draft):
+            raise ScyllaError(f"--draft {args.draft} proposes chains only, not trees: use --k instead of --tree")
 
 
 def cmd_build_corpus(args) -> int:

@@ -258,6 +258,12 @@ def check_draft_spec(spec: str) -> None:
     raise unknown_draft(spec)
 
 
+def chains_only(spec: str) -> bool:
+    """A spec whose draft has no tree proposer (layer-skip, alone or with copying): known
+    before any model loads, so the CLI refuses a tree shape for it at once."""
+    return (spec or "none").strip().removesuffix(COPY_SUFFIX).startswith("layerskip")
+
+
 def is_head_spec(spec: str) -> bool:
     """A trained head (named or a folder), alone or with the copy fallback."""
     base = (spec or "none").strip().removesuffix(COPY_SUFFIX)

@@ -112,9 +112,12 @@ def live_target(quant: str = DEFAULT_QUANT):
 
 
 def default_draft(quant: str = "none") -> str:
-    """The Scylla draft when one is shipped or trained, else ngram; on the q4 target ngram,
-    which measured best there (sweep prompts, k auto: spec_gain 1.14 against the shipped
-    head's 0.95: its drafting and wider verifies cost more than its acceptance gains).
+    """The best measured draft on this target. On q4, ngram: on the broad set's tune half
+    spec_gain 1.21 against 0.98 for the shipped head and 1.04 for scylla+ngram (a wider int4
+    verify and the head's own forward cost more than its acceptance gains). On fp32, the
+    shipped head with copying (scylla+ngram) when a Scylla draft is shipped or trained:
+    1.50 against 1.34 (scylla) and 1.22 (ngram) on the 48 older evaluation prompts, and
+    1.53 / 1.37 / 1.38 on the broad set's report half. Else ngram.
 
     Looks where scylla.head.named_draft_dir looks, without importing it: that import
     pulls in torch and transformers (seconds), and the page should render first."""
@@ -124,7 +127,7 @@ def default_draft(quant: str = "none") -> str:
     shipped = Path(__file__).resolve().parent.parent / "assets" / "drafts"
     for root in (shipped, cache / "drafts"):
         if (root / "scylla" / "config.json").is_file():
-            return "scylla"
+            return "scylla+ngram"
     return "ngram"
 
 

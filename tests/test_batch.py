@@ -9,7 +9,8 @@ import torch
 from scipy import stats
 
 from scylla import ScyllaError
-from scylla.decoding import batch_generate, batch_generate_ids, best_draft_length, generate_ids
+from scylla.budget import best_draft_length
+from scylla.decoding import batch_generate, batch_generate_ids, generate_ids
 from scylla.lean import KVCache
 from scylla.drafts import LayerSkipDraft, NgramDraft
 from tests.conftest import tiny_target
@@ -123,7 +124,7 @@ def test_draft_length_weighs_acceptance_depth_by_depth():
 def test_draft_budget_learns_each_depth_and_probes_one_deeper():
     from types import SimpleNamespace
 
-    from scylla.decoding import DraftBudget
+    from scylla.budget import DraftBudget
 
     budget = object.__new__(DraftBudget)
     budget.costs, budget.judged, budget.passed = [10.0] * 5, [0] * 4, [0] * 4

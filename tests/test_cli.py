@@ -39,6 +39,10 @@ def run_cli(args, capsys):
     (["train-draft", "--tokens", "4096", "--align-tokens", "10"], "--align-tokens"),
     (["train-draft", "--tokens", "4096", "--layers", "9"], "--layers"),
     (["train-draft", "--tokens", "4096", "--recipe", "eagle2-style", "--fusion", "multi"], "--recipe eagle2-style"),
+    (["compare-drafts", "--prompts", "assets/broad_prompts.jsonl", "--json", "o.json", "--drafts", "ngram,magic"], "unknown --draft"),
+    (["compare-drafts", "--prompts", "assets/broad_prompts.jsonl", "--json", "o.json", "--drafts", " , "], "at least one"),
+    (["compare-drafts", "--prompts", "assets/eval_prompts.jsonl", "--json", "o.json", "--split", "tune"], "no prompts in split 'tune'"),
+    (["bench", "--prompts", "assets/eval_prompts.jsonl", "--json", "o.json", "--draft", "layerskip:2", "--tree", "2,2,4"], "chains only"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(args, needle, capsys):
     code, err = run_cli(args, capsys)

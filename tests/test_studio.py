@@ -261,11 +261,11 @@ def test_sweep_unavailable_is_a_message(monkeypatch):
 def test_default_draft_is_scylla_only_when_present(tmp_path, monkeypatch):
     monkeypatch.setenv("SCYLLA_CACHE", str(tmp_path))
     shipped = live.Path(live.__file__).resolve().parent.parent / "assets" / "drafts" / "scylla"
-    expected = "scylla" if (shipped / "config.json").is_file() else "ngram"
-    assert live.default_draft() == expected
+    expected = "scylla+ngram" if (shipped / "config.json").is_file() else "ngram"
+    assert live.default_draft() == expected   # fp32: the head with copying, measured best there
     (tmp_path / "drafts" / "scylla").mkdir(parents=True)
     (tmp_path / "drafts" / "scylla" / "config.json").write_text("{}")
-    assert live.default_draft() == "scylla"
+    assert live.default_draft() == "scylla+ngram"
     assert live.default_draft("q4") == "ngram"   # measured best on the q4 target
     assert live.default_shape("scylla", "q4") == "chain" and live.default_auto_k("q4")
     assert live.default_shape("scylla", "none") == "tree" and not live.default_auto_k("none")
