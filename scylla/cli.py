@@ -267,10 +267,11 @@ def check_flags(args) -> None:
     if args.tree:
         from scylla.decoding import TreeShape
         from scylla.drafts import chains_only
+        from scylla.proposals import no_tree_error
 
         args.tree = TreeShape.parse(args.tree)
         if chains_only(args.draft):
-            raise ScyllaError(f"--draft {args.draft} proposes chains only, not trees: use --k instead of --tree")
+            raise no_tree_error(args.draft)
 
 
 def cmd_build_corpus(args) -> int:

@@ -20,7 +20,8 @@ import torch
 from scylla import ScyllaError
 from scylla.budget import KMAX, DraftBudget  # noqa: F401  (KMAX: the pages read it here)
 from scylla.lean import KVCache
-from scylla.proposals import DraftTree, TreeShape, apply_top_p, logits_to_probs, sample  # noqa: F401
+from scylla.proposals import (DraftTree, TreeShape, apply_top_p, logits_to_probs,  # noqa: F401
+                              no_tree_error, sample)
 from scylla.trace import Step
 
 CACHE_MARGIN = 160  # room past the prompt and budget for the widest verify block
@@ -340,7 +341,7 @@ def batch_generate(target, draft, prompts: list[list[int]], max_new_tokens: int 
     if isinstance(tree, str):
         tree = TreeShape.parse(tree)
     if tree is not None and draft is not None and not draft.has_tree:
-        raise ScyllaError(f"--draft {draft.name} proposes chains only, not trees: use --k instead of --tree")
+        raise no_tree_error(draft.name)
     if shared_prefill is not None and len(prompts) != 1:
         raise ScyllaError("a shared prefill serves a single prompt")
     generator = make_generator(seed, target.device)

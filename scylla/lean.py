@@ -43,11 +43,12 @@ class KVCache:
         self.lengths = torch.zeros(rows, dtype=torch.long)
         self.capacity = capacity
         self.single = rows == 1   # made for one row: stays so when rows are selected (lean.compiles)
-        self.mark_static_dims()
+        self.marked = False       # sizes marked for torch.compile (only a compiled stack's caches)
 
     def mark_static_dims(self) -> None:
         """For torch.compile (LeanStack.compile): a cache varies in capacity only, never in
         heads or head size, so those stay constants and no width is mistaken for them."""
+        self.marked = True
         for t in self.keys + self.values:
             torch._dynamo.mark_static(t, 1)
             torch._dynamo.mark_static(t, 3)
@@ -88,7 +89,9 @@ class KVCache:
         twin.keys = [k.clone() for k in self.keys]
         twin.values = [v.clone() for v in self.values]
         twin.lengths, twin.capacity, twin.single = self.lengths.clone(), self.capacity, self.single
-        twin.mark_static_dims()
+        twin.marked = False
+        if self.marked:
+            twin.mark_static_dims()
         return twin
 
     def reserve(self, capacity: int) -> None:
@@ -98,7 +101,8 @@ class KVCache:
         capacity = max(capacity, 2 * self.capacity)
         self.keys = [grown(k, capacity) for k in self.keys]
         self.values = [grown(v, capacity) for v in self.values]
-        self.mark_static_dims()
+        if self.marked:
+            self.mark_static_dims()
         self.capacity = capacity
 
     def check_room(self, width: int) -> None:
@@ -218,7 +222,10 @@ class LeanStack:
 
     def new_cache(self, rows: int, capacity: int, dtype=torch.float32) -> KVCache:
         self.ensure_rope(capacity, rope_dtype(dtype, self.norm.dtype))
-        return KVCache(len(self.layers), rows, self.kv_heads, self.head_dim, capacity, dtype, self.device)
+        cache = KVCache(len(self.layers), rows, self.kv_heads, self.head_dim, capacity, dtype, self.device)
+        if self.compiled_layers is not None:   # marking imports torch._dynamo (about 1 s): compiled stacks only
+            cache.mark_static_dims()
+        return cache
 
     def ensure_rope(self, capacity: int, dtype) -> None:
         """RoPE tables in the dtype that q and k rotate in (rope_dtype)."""

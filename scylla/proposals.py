@@ -164,3 +164,8 @@ class Draft:
     def propose_tree(self, context: list[int], shape: TreeShape, temperature: float, top_p: float,
                      generator) -> DraftTree:
         raise NotImplementedError(f"{self.name} has no tree proposer")
+
+
+def no_tree_error(name: str) -> ScyllaError:
+    """A tree shape asked of a draft that proposes chains only (Draft.has_tree)."""
+    return ScyllaError(f"--draft {name} proposes chains only, not trees: use --k instead of --tree")
